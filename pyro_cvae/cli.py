@@ -1,0 +1,188 @@
+"""The ``pyro-cvae`` command: thin Typer wrappers over the library, printing with rich."""
+
+from __future__ import annotations
+
+import enum
+import functools
+import os
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from . import data as data_lib
+from .model import VARIANTS
+
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    help="Conditional VAE (Sohn, Lee & Yan 2015) in Pyro: predict hidden MNIST quadrants, measure NCLL.",
+)
+console = Console()
+errors = Console(stderr=True)
+
+VariantName = enum.Enum("VariantName", {name: name for name in VARIANTS}, type=str)
+
+
+class Mask(str, enum.Enum):
+    random = "random"
+    fixed = "fixed"
+
+
+class Split(str, enum.Enum):
+    test = "test"
+    train = "train"
+
+
+class Device(str, enum.Enum):
+    auto = "auto"
+    cpu = "cpu"
+    cuda = "cuda"
+
+
+DataDir = Annotated[
+    Optional[Path],
+    typer.Option(help=f"Folder with the four MNIST IDX files (raw or .gz). Default: ${data_lib.DATA_ENV}, else a cache folder."),
+]
+RunsDir = Annotated[Path, typer.Option(help="Folder of run directories, one per variant.")]
+RunDir = Annotated[Optional[Path], typer.Option(help="The run directory itself (default: RUNS_DIR/VARIANT).")]
+DeviceOpt = Annotated[Device, typer.Option(help="Where to compute.")]
+Threads = Annotated[Optional[int], typer.Option(min=1, help="CPU threads for PyTorch (default: all cores).")]
+
+
+def _friendly(fn):
+    """Expected failures (missing data, bad runs, bad values) end in one red line and exit code 1."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        from .data import DataError
+        from .train import RunError
+
+        try:
+            return fn(*args, **kwargs)
+        except (DataError, RunError, ValueError, FileNotFoundError) as e:
+            errors.print(f"[bold red]error:[/] {e}", highlight=False, soft_wrap=True)
+            raise typer.Exit(1) from None
+
+    return wrapper
+
+
+def _threads(threads: int | None) -> None:
+    import torch
+
+    torch.set_num_threads(threads or os.cpu_count() or 1)
+
+
+def _run_dir(run_dir: Path | None, runs_dir: Path, variant: VariantName | None, mask: Mask = Mask.random, inputs: int = 1) -> Path:
+    from .train import run_name
+
+    if run_dir is not None:
+        return run_dir
+    if variant is None:
+        raise ValueError("name a run: --variant NAME (looked up in --runs-dir) or --run-dir DIR.")
+    return runs_dir / run_name(variant.value, mask.value, inputs)
+
+
+@app.command("data")
+@_friendly
+def data_cmd(data_dir: DataDir = None) -> None:
+    """Find and verify MNIST (checksums of the uncompressed files); print what was found."""
+    statuses = data_lib.check(data_dir)
+    table = Table(title=f"MNIST in {data_lib.resolve_data_dir(data_dir)}")
+    for col in ("file", "items", "md5", "path"):
+        table.add_column(col)
+    for s in statuses:
+        table.add_row(s.stem, str(s.count), f"[green]OK[/] ({s.checksum})", str(s.path))
+    console.print(table)
+    counts = {s.stem: s.count for s in statuses}
+    console.print(f"train: {counts['train-images-idx3-ubyte']} images, test: {counts['t10k-images-idx3-ubyte']} images")
+
+
+@app.command("variants")
+def variants_cmd() -> None:
+    """List the variants: what each changes, and the reference implementation's NCLL."""
+    table = Table(title="Variants")
+    for col in ("variant", "what changes", "reference config", "reference NCLL"):
+        table.add_column(col)
+    for v in VARIANTS.values():
+        ref = f"{v.reference_ncll:.3f}" if v.reference_ncll is not None else "-"
+        table.add_row(v.name, v.summary, v.reference_config or "(paper)", ref)
+    console.print(table)
+
+
+@app.command("train")
+@_friendly
+def train_cmd(
+    variant: Annotated[VariantName, typer.Option(help="Which variant to train.")] = VariantName("joint-scratch"),
+    epochs: Annotated[int, typer.Option(min=1, help="Passes over the training images.")] = 20,
+    batch_size: Annotated[int, typer.Option(min=1, help="Images per step.")] = 32,
+    lr: Annotated[float, typer.Option(help="Adam learning rate (> 0).")] = 1e-3,
+    seed: Annotated[int, typer.Option(help="Seed of data order, masks, initialisation and z draws.")] = 0,
+    mask: Annotated[Mask, typer.Option(help="Masking protocol: random (1 of 4 quadrants visible) or fixed.")] = Mask.random,
+    inputs: Annotated[int, typer.Option(min=1, max=3, help="Visible quadrants with --mask fixed.")] = 1,
+    limit: Annotated[Optional[int], typer.Option(min=1, help="Train on the first N images only.")] = None,
+    hybrid_weight: Annotated[float, typer.Option(min=0.0, max=1.0, help="Weight of the CVAE term in 'hybrid'.")] = 0.5,
+    force: Annotated[bool, typer.Option(help="Start over even if the run directory holds a run.")] = False,
+    data_dir: DataDir = None,
+    runs_dir: RunsDir = Path("runs"),
+    run_dir: RunDir = None,
+    device: DeviceOpt = Device.auto,
+    threads: Threads = None,
+    progress: Annotated[bool, typer.Option(help="Show a progress bar (else a line per epoch).")] = True,
+) -> None:
+    """Train a variant (or resume its unfinished run) with SVI; leaves RUNS_DIR/VARIANT/."""
+    from .train import TrainConfig, train
+
+    if lr <= 0:
+        raise typer.BadParameter(f"must be positive, got {lr}", param_hint="--lr")
+    _threads(threads)
+    config = TrainConfig(variant=variant.value, epochs=epochs, batch_size=batch_size, lr=lr, seed=seed,
+                         mask=mask.value, inputs=inputs, limit=limit, hybrid_weight=hybrid_weight)
+    result = train(config, run_dir=_run_dir(run_dir, runs_dir, variant, mask, inputs), runs_dir=runs_dir,
+                   data_dir=data_dir, device=device.value, force=force, log=console.print, progress=progress)
+    if result.status == "finished":
+        console.print(f"[green]trained[/] {result.run_dir} for {result.epochs_done} epochs "
+                      f"({result.steps} steps, {result.seconds:.0f} s)")
+    elif result.status == "interrupted":
+        raise typer.Exit(130)
+
+
+@app.command("evaluate")
+@_friendly
+def evaluate_cmd(
+    variant: Annotated[Optional[VariantName], typer.Option(help="Evaluate RUNS_DIR/VARIANT.")] = None,
+    run_dir: RunDir = None,
+    runs_dir: RunsDir = Path("runs"),
+    samples: Annotated[int, typer.Option(min=1, help="Importance samples S per image.")] = 100,
+    split: Annotated[Split, typer.Option(help="Images to evaluate on (the reference measured on train).")] = Split.test,
+    limit: Annotated[Optional[int], typer.Option(min=1, help="Evaluate the first N images only.")] = None,
+    batch_size: Annotated[int, typer.Option(min=1, help="Images per chunk (memory bound).")] = 250,
+    seed: Annotated[int, typer.Option(help="Seed of the evaluation masks and of the z draws.")] = 0,
+    mask: Annotated[Mask, typer.Option(help="With --variant: which run (random or fixed protocol).")] = Mask.random,
+    inputs: Annotated[int, typer.Option(min=1, max=3, help="With --variant and --mask fixed.")] = 1,
+    data_dir: DataDir = None,
+    device: DeviceOpt = Device.auto,
+    threads: Threads = None,
+) -> None:
+    """NCLL of a trained run by importance sampling; printed and saved to the run directory."""
+    from .evaluate import evaluate_run
+
+    _threads(threads)
+    target = _run_dir(run_dir, runs_dir, variant, mask, inputs)
+    with console.status(f"evaluating {target} on {split.value} with S={samples}"):
+        r = evaluate_run(target, samples=samples, split=split.value, limit=limit, batch_size=batch_size, seed=seed,
+                         data_dir=data_dir, device=device.value, log=console.print)
+    table = Table(title=f"NCLL of {r.variant} ({target})")
+    for col in ("split", "images", "S", "NCLL (nats)", "± SE", "mean ESS", "epochs", "seconds"):
+        table.add_column(col, justify="right")
+    table.add_row(r.split, str(r.images), str(r.samples), f"{r.ncll:.3f}", f"{r.ncll_se:.3f}",
+                  f"{r.ess_mean:.1f}", str(r.epochs), f"{r.seconds:.1f}")
+    console.print(table)
+    console.print(f"masks: {r.mask}{'' if r.mask == 'random' else f' ({r.inputs} visible)'}, seed {r.seed}; "
+                  f"proposal: {r.proposal}; saved {target / r.path_name}")
+
+
+def main() -> None:  # pragma: no cover
+    app()

@@ -1,0 +1,153 @@
+"""Negative conditional log-likelihood (NCLL) of the hidden pixels, by importance sampling.
+
+For each image, with S draws z_s from the proposal q(z|x,y):
+
+    NCLL = -log (1/S) sum_s p(y|x,z_s) p(z_s|x) / q(z_s|x,y)
+
+computed in log space, per image, from Pyro traces: the proposal is traced under a particle
+plate and replayed in the model, so that all particles of a chunk of images pass through each
+net as one matrix product, and the prior and recognition nets run once per image.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Callable
+
+import pyro
+import pyro.poutine as poutine
+import torch
+
+from .data import evaluation_masks, load_split, visible_input
+from .model import CVAE
+from .train import atomic_write_text, load_run, resolve_device
+
+
+def _log_prob_per_image(trace) -> torch.Tensor:
+    """Sum of the log-densities of a trace's sample sites, kept per particle and image ``(S, B)``."""
+    trace.compute_log_prob()
+    return sum(site["log_prob"] for site in trace.nodes.values() if site["type"] == "sample")
+
+
+def log_weights(cvae: CVAE, x: torch.Tensor, y: torch.Tensor, hidden: torch.Tensor, samples: int) -> torch.Tensor:
+    """Importance log-weights ``(S, B)``: log p(y, z_s | x) - log q(z_s | x, y)."""
+    proposal = cvae.proposal()
+    with pyro.plate("particles", samples, dim=-2):
+        guide_trace = poutine.trace(proposal).get_trace(x, y, hidden)
+        model_trace = poutine.trace(poutine.replay(cvae.model, trace=guide_trace)).get_trace(x, y, hidden)
+    log_p = _log_prob_per_image(model_trace)
+    log_q = _log_prob_per_image(guide_trace)  # 0 for a model without latent
+    return (log_p - log_q).expand(samples, x.shape[0])
+
+
+@torch.no_grad()
+def ncll_per_image(
+    cvae: CVAE,
+    images: torch.Tensor,
+    hidden: torch.Tensor,
+    samples: int = 100,
+    image_batch: int = 250,
+    max_rows: int = 25_000,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """NCLL ``(N,)`` and effective sample size ``(N,)`` of each image ``(N, 784)``.
+
+    Work is chunked: ``image_batch`` images at a time and, within those, as many particles as
+    keep ``particles * images <= max_rows``, so memory is bounded whatever S is. Chunks of
+    particles are combined exactly with a running logsumexp."""
+    if samples < 1:
+        raise ValueError(f"the number of importance samples must be at least 1, got {samples}.")
+    if cvae.deterministic:  # no latent: one "particle" gives the exact log-likelihood
+        samples = 1
+    ncll, ess = [], []
+    for start in range(0, len(images), image_batch):
+        y = images[start : start + image_batch]
+        h = hidden[start : start + image_batch]
+        x = visible_input(y, h)
+        per_chunk = max(1, min(samples, max_rows // len(y)))
+        lse = lse2 = torch.full((len(y),), -math.inf, device=y.device)
+        for done in range(0, samples, per_chunk):
+            lw = log_weights(cvae, x, y, h, min(per_chunk, samples - done))
+            lse = torch.logaddexp(lse, lw.logsumexp(0))
+            lse2 = torch.logaddexp(lse2, (2 * lw).logsumexp(0))
+        ncll.append(math.log(samples) - lse)
+        ess.append(torch.exp(2 * lse - lse2))  # (sum w)^2 / sum w^2
+    return torch.cat(ncll), torch.cat(ess)
+
+
+@dataclass
+class Evaluation:
+    """What ``evaluate`` reports and writes to ``<run>/eval-<split>-S<S>.json``."""
+
+    run_dir: str
+    variant: str
+    epochs: int
+    split: str
+    mask: str
+    inputs: int
+    samples: int
+    images: int
+    ncll: float
+    ncll_se: float
+    ess_mean: float
+    proposal: str
+    seed: int
+    seconds: float
+
+    @property
+    def path_name(self) -> str:
+        return f"eval-{self.split}-S{self.samples}.json"
+
+
+def evaluate_run(
+    run_dir: str | Path,
+    samples: int = 100,
+    split: str = "test",
+    limit: int | None = None,
+    batch_size: int = 250,
+    seed: int = 0,
+    data_dir: str | Path | None = None,
+    device: str | torch.device = "auto",
+    images: torch.Tensor | None = None,
+    log: Callable[[str], None] = print,
+) -> Evaluation:
+    """Evaluate a trained run and write its results file. ``images`` replaces the MNIST split (tests)."""
+    if samples < 1:
+        raise ValueError(f"--samples must be at least 1, got {samples}.")
+    if limit is not None and limit < 1:
+        raise ValueError(f"--limit must be at least 1, got {limit}.")
+    if batch_size < 1:
+        raise ValueError(f"--batch-size must be at least 1, got {batch_size}.")
+    device = resolve_device(device) if isinstance(device, str) else device
+    run_dir = Path(run_dir)
+    cvae, config, checkpoint = load_run(run_dir, device)
+    if checkpoint["epoch"] < config.epochs:
+        log(f"[yellow]note: {run_dir} is trained for {checkpoint['epoch']} of {config.epochs} epochs.[/]")
+    if images is None:
+        images, _ = load_split(split, data_dir)
+    # masks fixed per image index by the seed over the whole split, so --limit takes a prefix of them
+    hidden = evaluation_masks(len(images), config.mask, config.inputs, seed)
+    if limit is not None:
+        images, hidden = images[:limit], hidden[:limit]
+    if cvae.deterministic:
+        proposal = "none (deterministic: exact likelihood)"
+    elif cvae.recognition_net is not None:
+        proposal = "recognition net q(z|x,y)"
+    else:
+        proposal = "prior p(z|x) (no recognition net)"
+        log("[yellow]this run has no recognition net: the prior p(z|x) is the importance proposal.[/]")
+    pyro.set_rng_seed(seed)
+    started = time.perf_counter()
+    ncll, ess = ncll_per_image(cvae, images.to(device), hidden.to(device), samples, image_batch=batch_size)
+    seconds = time.perf_counter() - started
+    result = Evaluation(
+        run_dir=str(run_dir), variant=config.variant, epochs=int(checkpoint["epoch"]), split=split,
+        mask=config.mask, inputs=config.inputs, samples=1 if cvae.deterministic else samples, images=len(ncll),
+        ncll=ncll.mean().item(), ncll_se=(ncll.std() / math.sqrt(len(ncll))).item() if len(ncll) > 1 else float("nan"),
+        ess_mean=ess.mean().item(), proposal=proposal, seed=seed, seconds=round(seconds, 2),
+    )
+    atomic_write_text(json.dumps(asdict(result), indent=2) + "\n", run_dir / result.path_name)
+    return result

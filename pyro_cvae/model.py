@@ -1,0 +1,162 @@
+"""The CVAE as one Pyro model and one guide, and the registry of the variants that reshape it.
+
+    model:  z ~ p(z|x) = N(prior_net(x filled by the baseline)),   y ~ Bernoulli(generation_net(z[, x]))
+    guide:  z ~ q(z|x,y) = N(recognition_net(x filled with y))
+
+Only hidden pixels enter the likelihood (the ``y`` site is masked to them); visible pixels of
+``x`` are set, hidden ones are -1. Tensors: ``x``, ``y`` ``(B, 784)``, ``hidden`` ``(B, 784)``
+bool, ``z`` ``(B, 200)``, or ``(S, B, ...)`` under an outer particle plate at ``dim=-2``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import pyro
+import pyro.distributions as dist
+import torch
+from torch import nn
+
+from .nets import Z_DIM, BaselineNet, GaussianNet, GenerationNet
+
+
+@dataclass(frozen=True)
+class Variant:
+    """One row of the results table, as data.
+
+    baseline: None (no baseline net), "frozen" (pretrained, fixed), "joint" (trained through the prior).
+    baseline_init: "pretrained" (from the runs directory's ``baseline`` run) or "scratch".
+    objective: "baseline" (deterministic net alone), "cvae" (ELBO with the recognition net),
+    "gsnn" (log p(y|x,z) with z from the prior; no recognition net) or "hybrid" (weighted sum).
+    """
+
+    name: str
+    summary: str
+    baseline: str | None = None
+    baseline_init: str | None = None
+    prior: str = "conditional"  # or "standard": N(0, I)
+    conditioned_decoder: bool = False
+    objective: str = "cvae"
+    reference_config: str | None = None
+    reference_ncll: float | None = None
+
+    @property
+    def needs_pretrained_baseline(self) -> bool:
+        return self.baseline_init == "pretrained"
+
+    @property
+    def has_recognition_net(self) -> bool:
+        return self.objective in ("cvae", "hybrid")
+
+
+VARIANTS: dict[str, Variant] = {
+    v.name: v
+    for v in [
+        Variant("baseline", "deterministic net alone", objective="baseline",
+                reference_config="baseline.yml", reference_ncll=112.382),
+        Variant("cvae", "prior fed by a pretrained, frozen baseline", baseline="frozen", baseline_init="pretrained",
+                reference_config="cvae.yml", reference_ncll=72.255),
+        Variant("no-baseline", "no baseline; prior sees x alone",
+                reference_config="cvae-wobl.yml", reference_ncll=70.868),
+        Variant("cond-decoder", "as cvae, decoder p(y|z,x)", baseline="frozen", baseline_init="pretrained",
+                conditioned_decoder=True, reference_config="cvae-cdec.yml", reference_ncll=79.524),
+        Variant("cond-decoder-no-baseline", "as no-baseline, decoder p(y|z,x)", conditioned_decoder=True,
+                reference_config="cvae-cdec-wobl.yml", reference_ncll=83.745),
+        Variant("unconditioned-prior", "prior N(0, I), no baseline", prior="standard",
+                reference_config="cvae-ucprior.yml", reference_ncll=76.024),
+        Variant("joint-pretrained", "baseline starts pretrained and trains with the CVAE", baseline="joint",
+                baseline_init="pretrained", reference_config="cvae-unfreeze-baseline.yml", reference_ncll=69.352),
+        Variant("joint-scratch", "baseline starts random and trains with the CVAE", baseline="joint",
+                baseline_init="scratch", reference_config="cvae-unfreeze-baseline-wopt.yml", reference_ncll=67.813),
+        Variant("gsnn", "paper's GSNN: log p(y|x,z), z from the prior; as joint-scratch, no recognition net",
+                baseline="joint", baseline_init="scratch", objective="gsnn"),
+        Variant("hybrid", "paper's weighted sum of the CVAE and GSNN objectives; as joint-scratch",
+                baseline="joint", baseline_init="scratch", objective="hybrid"),
+    ]
+}
+
+
+def get_variant(name: str) -> Variant:
+    try:
+        return VARIANTS[name]
+    except KeyError:
+        raise ValueError(f"unknown variant {name!r}; choose one of: {', '.join(VARIANTS)}.") from None
+
+
+class CVAE(nn.Module):
+    """Nets of one variant, with the Pyro ``model`` and ``guide`` that use them."""
+
+    def __init__(self, variant: Variant, z_dim: int = Z_DIM):
+        super().__init__()
+        self.variant = variant
+        self.z_dim = z_dim
+        deterministic = variant.objective == "baseline"
+        self.baseline_net = BaselineNet() if (deterministic or variant.baseline) else None
+        self.prior_net = GaussianNet(z_dim) if (variant.prior == "conditional" and not deterministic) else None
+        self.recognition_net = GaussianNet(z_dim) if variant.has_recognition_net else None
+        self.generation_net = None if deterministic else GenerationNet(z_dim, variant.conditioned_decoder)
+        if variant.baseline == "frozen":
+            self.baseline_net.requires_grad_(False)
+
+    @property
+    def deterministic(self) -> bool:
+        return self.generation_net is None
+
+    def baseline_guess(self, x: torch.Tensor, hidden: torch.Tensor) -> torch.Tensor:
+        """x with its hidden pixels filled by the baseline's predicted probabilities."""
+        if self.variant.baseline == "frozen":
+            with torch.no_grad():
+                guess = torch.sigmoid(self.baseline_net(x))
+        else:
+            guess = torch.sigmoid(self.baseline_net(x))
+        return torch.where(hidden, guess, x)
+
+    def prior(self, x: torch.Tensor, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(loc, scale) of p(z|x), each ``(B, z_dim)``."""
+        if self.prior_net is None:  # the unconditioned prior N(0, I)
+            loc = x.new_zeros(x.shape[:-1] + (self.z_dim,))
+            return loc, torch.ones_like(loc)
+        if self.baseline_net is not None:
+            x = self.baseline_guess(x, hidden)
+        return self.prior_net(x)
+
+    def model(self, x: torch.Tensor, y: torch.Tensor | None = None, hidden: torch.Tensor | None = None):
+        """p(y|x) = ∫ p(y|z,x) p(z|x) dz; observes the hidden pixels of ``y`` when given."""
+        if self.variant.baseline != "frozen" and self.baseline_net is not None:  # a frozen net is no parameter
+            pyro.module("baseline_net", self.baseline_net)
+        if self.prior_net is not None:
+            pyro.module("prior_net", self.prior_net)
+        if self.generation_net is not None:
+            pyro.module("generation_net", self.generation_net)
+        with pyro.plate("data", x.shape[-2], dim=-1):
+            if self.deterministic:
+                logits = self.baseline_net(x)
+            else:
+                loc, scale = self.prior(x, hidden)
+                z = pyro.sample("z", dist.Normal(loc, scale).to_event(1))
+                logits = self.generation_net(z, x)
+            # continuous grey targets in [0, 1]: a Bernoulli "likelihood" that is BCE, hence validate_args=False
+            pixels = dist.Bernoulli(logits=logits, validate_args=False).mask(hidden)
+            return pyro.sample("y", pixels.to_event(1), obs=y)
+
+    def guide(self, x: torch.Tensor, y: torch.Tensor | None = None, hidden: torch.Tensor | None = None):
+        """q(z|x,y): the recognition net sees the whole image (x with its hidden pixels from y)."""
+        if self.deterministic:
+            return None
+        pyro.module("recognition_net", self.recognition_net)
+        with pyro.plate("data", x.shape[-2], dim=-1):
+            loc, scale = self.recognition_net(torch.where(hidden, y, x))
+            return pyro.sample("z", dist.Normal(loc, scale).to_event(1))
+
+    def prior_guide(self, x: torch.Tensor, y: torch.Tensor | None = None, hidden: torch.Tensor | None = None):
+        """The prior p(z|x) used as a proposal (for a GSNN, which has no recognition net)."""
+        with pyro.plate("data", x.shape[-2], dim=-1):
+            loc, scale = self.prior(x, hidden)
+            return pyro.sample("z", dist.Normal(loc, scale).to_event(1))
+
+    def proposal(self):
+        """The importance-sampling proposal: the guide (empty without a latent), else the prior (a GSNN)."""
+        return self.prior_guide if (self.recognition_net is None and not self.deterministic) else self.guide
+
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        return [p for p in self.parameters() if p.requires_grad]
