@@ -1,0 +1,209 @@
+"""Reproduce the results table: train and evaluate every variant (or a chosen subset).
+
+    python scripts/reproduce.py --jobs 2                       # the whole table, random masks
+    python scripts/reproduce.py --mask fixed --inputs 1 2 3 --variants baseline cvae
+    python scripts/reproduce.py --epochs 2 --limit 2000 --runs-dir /tmp/quick   # a smoke run
+
+Runs already finished are not trained again, evaluations already on disk are not repeated
+(``--re-evaluate`` repeats them). Each run trains on one thread; ``--jobs`` runs that many at
+once (2 fills this project's 2-core machines). NCLL is measured with S importance samples on
+the test images and on the first ``--train-images`` training images (the reference measured
+on training images). Writes ``results.md`` and ``results.json`` in the runs directory.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing
+import os
+import sys
+import time
+import traceback
+from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+from pathlib import Path
+
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+from pyro_cvae.model import VARIANTS, get_variant
+from pyro_cvae.train import CONFIG, METRICS, TrainConfig, default_run_dir, is_finished
+
+console = Console()
+# longest first, so that two workers finish close together; the baseline first, others depend on it
+ORDER = ["baseline", "hybrid", "joint-scratch", "joint-pretrained", "gsnn", "cvae", "cond-decoder",
+         "cond-decoder-no-baseline", "no-baseline", "unconditioned-prior"]
+
+
+def run_one(config: dict, run_dir: str, runs_dir: str, data_dir: str | None, evaluations: list[dict],
+            threads: int, re_evaluate: bool) -> dict:
+    """Train (unless finished) and evaluate one run, in a worker process with its own thread count."""
+    import torch
+
+    torch.set_num_threads(threads)
+    from pyro_cvae.evaluate import Evaluation, evaluate_run
+    from pyro_cvae.train import train
+
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    log_file = open(run_dir / "reproduce.log", "a")
+
+    def log(msg: str) -> None:
+        log_file.write(msg + "\n")
+        log_file.flush()
+
+    out = {"run_dir": str(run_dir), "evaluations": []}
+    try:
+        result = train(TrainConfig(**config), run_dir=run_dir, runs_dir=runs_dir, data_dir=data_dir,
+                       device="cpu", log=log, progress=False)
+        out["train_status"] = result.status
+        for ev in evaluations:
+            path = run_dir / f"eval-{ev['split']}-S{1 if get_variant(config['variant']).objective == 'baseline' else ev['samples']}.json"
+            if path.exists() and not re_evaluate and json.loads(path.read_text()).get("images") == (ev["limit"] or 10000):
+                out["evaluations"].append(json.loads(path.read_text()))
+                continue
+            r = evaluate_run(run_dir, samples=ev["samples"], split=ev["split"], limit=ev["limit"],
+                             data_dir=data_dir, device="cpu", log=log)
+            out["evaluations"].append(r.__dict__)
+            log(f"evaluated {ev['split']}: NCLL {r.ncll:.3f} ± {r.ncll_se:.3f} in {r.seconds:.1f} s")
+    except Exception as e:  # reported in the table; the sweep goes on with the other runs
+        log(traceback.format_exc())
+        out["error"] = f"{type(e).__name__}: {e}"
+    log_file.close()
+    return out
+
+
+def _epochs_done(run_dir: Path) -> int:
+    try:
+        return len((run_dir / METRICS).read_text().splitlines())
+    except OSError:
+        return 0
+
+
+def _train_seconds(run_dir: Path) -> tuple[float, int]:
+    """Training time and steps, summed over the epochs logged in metrics.jsonl."""
+    try:
+        rows = [json.loads(line) for line in (run_dir / METRICS).read_text().splitlines()]
+    except OSError:
+        return float("nan"), 0
+    return sum(r["seconds"] for r in rows), (rows[-1]["step"] if rows else 0)
+
+
+def write_results(rows: list[dict], runs_dir: Path, name: str, command: str, wall: float) -> Path:
+    (runs_dir / f"{name}.json").write_text(json.dumps({"command": command, "wall_seconds": wall, "runs": rows}, indent=2))
+    lines = [
+        f"Command: `{command}`  ",
+        f"Wall time of this invocation: {wall / 60:.1f} min on {os.cpu_count()} CPU cores.",
+        "",
+        "| variant | epochs | NCLL test ± SE | NCLL train (first 10k) | reference (train) | train − reference | ESS test | train time | ms/step |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for r in rows:
+        test, tr = r.get("test"), r.get("train")
+        ref = r.get("reference_ncll")
+        fmt = lambda e: f"{e['ncll']:.2f} ± {e['ncll_se']:.2f}" if e else "-"  # noqa: E731
+        diff = f"{tr['ncll'] - ref:+.2f}" if (tr and ref is not None) else "-"
+        lines.append(
+            f"| {r['run']} | {r['epochs']} | {fmt(test)} | {fmt(tr)} | {ref if ref is not None else '-'} | {diff} | "
+            f"{test['ess_mean']:.1f} | {r['train_seconds'] / 60:.1f} min | {r['ms_per_step']:.1f} |"
+            if test else f"| {r['run']} | {r['epochs']} | - | - | {ref} | - | - | - | - | {r.get('error', '')}"
+        )
+    path = runs_dir / f"{name}.md"
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS), metavar="NAME")
+    p.add_argument("--epochs", type=int, default=20)
+    p.add_argument("--mask", choices=["random", "fixed"], default="random")
+    p.add_argument("--inputs", type=int, nargs="+", default=[1], choices=[1, 2, 3])
+    p.add_argument("--jobs", type=int, default=2, help="runs at once, one thread each")
+    p.add_argument("--threads", type=int, default=1, help="threads per run")
+    p.add_argument("--samples", type=int, default=100)
+    p.add_argument("--test-images", type=int, default=None, help="evaluate on the first N test images (all)")
+    p.add_argument("--train-images", type=int, default=10000, help="training images to evaluate on (0: skip)")
+    p.add_argument("--limit", type=int, default=None, help="train on the first N images (smoke runs)")
+    p.add_argument("--runs-dir", type=Path, default=Path("runs"))
+    p.add_argument("--data-dir", type=str, default=None)
+    p.add_argument("--no-eval", action="store_true", help="train only")
+    p.add_argument("--re-evaluate", action="store_true", help="repeat evaluations already on disk")
+    p.add_argument("--out", default=None, help="results file stem (default: results or results-fixed)")
+    args = p.parse_args(argv)
+    if args.epochs < 1 or args.jobs < 1 or args.samples < 1:
+        p.error("--epochs, --jobs and --samples must be at least 1")
+
+    command = "python scripts/reproduce.py " + " ".join(sys.argv[1:] if argv is None else argv)
+    evaluations = [] if args.no_eval else [{"split": "test", "samples": args.samples, "limit": args.test_images}]
+    if args.train_images and not args.no_eval:
+        evaluations.append({"split": "train", "samples": args.samples, "limit": args.train_images})
+
+    runs = []  # (name, config, run_dir, depends_on)
+    for inputs in args.inputs:
+        for name in sorted(args.variants, key=ORDER.index):
+            config = TrainConfig(variant=name, epochs=args.epochs, mask=args.mask, inputs=inputs, limit=args.limit)
+            base = default_run_dir(args.runs_dir, TrainConfig(**{**config.__dict__, "variant": "baseline"}))
+            dep = base if get_variant(name).needs_pretrained_baseline else None
+            runs.append((default_run_dir(args.runs_dir, config).name, config, default_run_dir(args.runs_dir, config), dep))
+    # a variant that needs the pretrained baseline waits for it (trained here even when not asked for)
+    for _, config, _, dep in list(runs):
+        if dep is not None and dep not in [r[2] for r in runs]:
+            bc = TrainConfig(**{**config.__dict__, "variant": "baseline"})
+            runs.insert(0, (dep.name, bc, dep, None))
+
+    started = time.perf_counter()
+    results: dict[str, dict] = {}
+    pending = list(runs)
+    per_run_steps = {}
+    with Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+                  TextColumn("{task.fields[state]}"), TimeElapsedColumn(), console=console) as progress:
+        tasks = {name: progress.add_task(name, total=cfg.epochs, completed=_epochs_done(rd), state="waiting")
+                 for name, cfg, rd, _ in runs}
+        with ProcessPoolExecutor(max_workers=args.jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
+            futures = {}
+            while pending or futures:
+                done_dirs = {Path(r["run_dir"]) for r in results.values() if "error" not in r}
+                for item in list(pending):
+                    name, cfg, rd, dep = item
+                    if len(futures) >= args.jobs:
+                        break
+                    if dep is None or dep in done_dirs or is_finished(dep):
+                        pending.remove(item)
+                        fut = pool.submit(run_one, cfg.__dict__, str(rd), str(args.runs_dir), args.data_dir,
+                                          evaluations, args.threads, args.re_evaluate)
+                        futures[fut] = name
+                        progress.update(tasks[name], state="running")
+                finished, _ = wait(list(futures), timeout=5, return_when=FIRST_COMPLETED)
+                for fut in finished:
+                    name = futures.pop(fut)
+                    results[name] = fut.result()
+                    state = "[red]" + results[name]["error"][:60] if "error" in results[name] else "[green]done"
+                    progress.update(tasks[name], state=state)
+                for name, cfg, rd, _ in runs:
+                    progress.update(tasks[name], completed=_epochs_done(rd))
+                if not futures and pending and not finished:
+                    # nothing runs and nothing can start: a dependency failed
+                    for name, *_ in pending:
+                        results[name] = {"run_dir": "", "error": "its pretrained baseline failed", "evaluations": []}
+                    pending.clear()
+
+    wall = time.perf_counter() - started
+    rows = []
+    for name, cfg, rd, _ in runs:
+        r = results.get(name, {})
+        evs = {e["split"]: e for e in r.get("evaluations", [])}
+        seconds, steps = _train_seconds(rd)
+        rows.append({"run": name, "variant": cfg.variant, "epochs": _epochs_done(rd), "mask": cfg.mask,
+                     "inputs": cfg.inputs, "reference_ncll": get_variant(cfg.variant).reference_ncll,
+                     "test": evs.get("test"), "train": evs.get("train"), "train_seconds": seconds,
+                     "ms_per_step": 1000 * seconds / max(steps, 1), **({"error": r["error"]} if "error" in r else {})})
+    out = args.out or ("results" if args.mask == "random" else "results-fixed")
+    path = write_results(rows, args.runs_dir, out, command, wall)
+    console.print(path.read_text())
+    console.print(f"wrote {path} and {path.with_suffix('.json')} in {wall / 60:.1f} min")
+    return 1 if any("error" in r for r in rows) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
