@@ -184,5 +184,45 @@ def evaluate_cmd(
                   f"proposal: {r.proposal}; saved {target / r.path_name}")
 
 
+@app.command("sample")
+@_friendly
+def sample_cmd(
+    variant: Annotated[Optional[VariantName], typer.Option(help="Sample from RUNS_DIR/VARIANT.")] = None,
+    run_dir: RunDir = None,
+    runs_dir: RunsDir = Path("runs"),
+    num_images: Annotated[int, typer.Option(min=1, help="Images, one column each: the first N of the split.")] = 10,
+    num_samples: Annotated[int, typer.Option(min=1, help="CVAE completions per image, one row each.")] = 10,
+    split: Annotated[Split, typer.Option(help="Images to complete.")] = Split.test,
+    seed: Annotated[int, typer.Option(help="Seed of the masks (as evaluate draws them) and of the z draws.")] = 0,
+    out: Annotated[Optional[Path], typer.Option(help="PNG to write (default: RUN_DIR/samples-SPLIT.png).")] = None,
+    mask: Annotated[Mask, typer.Option(help="With --variant: which run (random or fixed protocol).")] = Mask.random,
+    inputs: Annotated[int, typer.Option(min=1, max=3, help="With --variant and --mask fixed.")] = 1,
+    data_dir: DataDir = None,
+    device: DeviceOpt = Device.auto,
+    threads: Threads = None,
+) -> None:
+    """A PNG grid of a trained run: input | truth | baseline | CVAE samples, a column per image."""
+    from .sample import sample_grid
+
+    _threads(threads)
+    target = _run_dir(run_dir, runs_dir, variant, mask, inputs)
+    # the baseline row, for a run without a baseline net, comes from a finished baseline run beside it
+    path = sample_grid(target, num_images=num_images, num_samples=num_samples, split=split.value, seed=seed, out=out,
+                       data_dir=data_dir, device=device.value)
+    console.print(f"wrote {path}")
+
+
+@app.command("plot")
+@_friendly
+def plot_cmd(
+    runs_dir: RunsDir = Path("runs"),
+    out: Annotated[Optional[Path], typer.Option(help="PNG to write (default: RUNS_DIR/plots.png).")] = None,
+) -> None:
+    """Training curves of every run in RUNS_DIR and, where evaluated, test NCLL beside the reference's."""
+    from .plots import plot_runs
+
+    console.print(f"wrote {plot_runs(runs_dir, out)}")
+
+
 def main() -> None:  # pragma: no cover
     app()

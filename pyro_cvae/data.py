@@ -18,6 +18,8 @@ from typing import Iterator
 import numpy as np
 import torch
 
+from .atomic import atomic_write_text
+
 SIDE = 28
 PIXELS = SIDE * SIDE
 SPLITS = ("train", "test")
@@ -128,9 +130,7 @@ def _remember(path: Path) -> None:
         seen = json.loads(record.read_text()) if record.exists() else []
         seen = sorted(set(seen) | {_fingerprint(path)})
         record.parent.mkdir(parents=True, exist_ok=True)
-        tmp = record.with_suffix(f".tmp{os.getpid()}")
-        tmp.write_text(json.dumps(seen, indent=0))
-        os.replace(tmp, record)
+        atomic_write_text(json.dumps(seen, indent=0), record)
     except (OSError, ValueError):
         pass
 

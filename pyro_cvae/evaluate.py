@@ -24,7 +24,8 @@ import torch
 
 from .data import evaluation_masks, load_split, visible_input
 from .model import CVAE
-from .train import atomic_write_text, load_run, resolve_device
+from .atomic import atomic_write_text
+from .train import load_run, resolve_device
 
 
 def _log_prob_per_image(trace) -> torch.Tensor:

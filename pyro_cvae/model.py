@@ -3,9 +3,11 @@
     model:  z ~ p(z|x) = N(prior_net(x filled by the baseline)),   y ~ Bernoulli(generation_net(z[, x]))
     guide:  z ~ q(z|x,y) = N(recognition_net(x filled with y))
 
-Only hidden pixels enter the likelihood (the ``y`` site is masked to them); visible pixels of
-``x`` are set, hidden ones are -1. Tensors: ``x``, ``y`` ``(B, 784)``, ``hidden`` ``(B, 784)``
-bool, ``z`` ``(B, 200)``, or ``(S, B, ...)`` under an outer particle plate at ``dim=-2``.
+Only hidden pixels enter the likelihood: the ``y`` site is the hidden pixels of the image,
+gathered densely (both masking protocols hide the same number of pixels in every image), so
+no work is spent on pixels that are not scored. Visible pixels of ``x`` are set, hidden ones
+are -1. Tensors: ``x``, ``y`` ``(B, 784)``, ``hidden`` ``(B, 784)`` bool, ``z`` ``(B, 200)``,
+the ``y`` site ``(B, n_hidden)``; or ``(S, B, ...)`` under an outer particle plate at ``dim=-2``.
 """
 
 from __future__ import annotations
@@ -83,6 +85,19 @@ def get_variant(name: str) -> Variant:
         raise ValueError(f"unknown variant {name!r}; choose one of: {', '.join(VARIANTS)}.") from None
 
 
+def hidden_pixels(hidden: torch.Tensor) -> torch.Tensor:
+    """Indices ``(B, n_hidden)`` of each image's hidden pixels, in increasing order."""
+    counts = hidden.sum(-1)
+    if counts.numel() and counts.min() != counts.max():
+        raise ValueError("every image of a batch must hide the same number of pixels (both masking protocols do).")
+    return hidden.nonzero()[:, -1].view(hidden.shape[:-1] + (-1,))
+
+
+def take(pixels_of: torch.Tensor, pixels: torch.Tensor) -> torch.Tensor:
+    """``pixels_of[..., b, pixels[b]]``: the chosen pixels of each image; leading particle dims broadcast."""
+    return pixels_of.gather(-1, pixels.expand(pixels_of.shape[:-1] + pixels.shape[-1:]))
+
+
 class CVAE(nn.Module):
     """Nets of one variant, with the Pyro ``model`` and ``guide`` that use them."""
 
@@ -121,7 +136,8 @@ class CVAE(nn.Module):
         return self.prior_net(x)
 
     def model(self, x: torch.Tensor, y: torch.Tensor | None = None, hidden: torch.Tensor | None = None):
-        """p(y|x) = ∫ p(y|z,x) p(z|x) dz; observes the hidden pixels of ``y`` when given."""
+        """p(y|x) = ∫ p(y|z,x) p(z|x) dz; observes the hidden pixels of ``y`` when given, else
+        samples them; returns them ``(..., B, n_hidden)`` (``hidden_pixels`` says which)."""
         if self.variant.baseline != "frozen" and self.baseline_net is not None:  # a frozen net is no parameter
             pyro.module("baseline_net", self.baseline_net)
         if self.prior_net is not None:
@@ -135,13 +151,14 @@ class CVAE(nn.Module):
                 loc, scale = self.prior(x, hidden)
                 z = pyro.sample("z", dist.Normal(loc, scale).to_event(1))
                 logits = self.generation_net(z, x)
-            # continuous grey targets in [0, 1]: a Bernoulli "likelihood" that is BCE, hence validate_args=False
-            pixels = dist.Bernoulli(logits=logits, validate_args=False).mask(hidden)
-            return pyro.sample("y", pixels.to_event(1), obs=y)
+            pixels = hidden_pixels(hidden)
+            # grey targets in [0, 1]: a Bernoulli "likelihood" that is the BCE, hence validate_args=False
+            likelihood = dist.Bernoulli(logits=take(logits, pixels), validate_args=False)
+            return pyro.sample("y", likelihood.to_event(1), obs=None if y is None else take(y, pixels))
 
     def guide(self, x: torch.Tensor, y: torch.Tensor | None = None, hidden: torch.Tensor | None = None):
         """q(z|x,y): the recognition net sees the whole image (x with its hidden pixels from y)."""
-        if self.deterministic:
+        if self.recognition_net is None:  # the baseline and the GSNN have none
             return None
         pyro.module("recognition_net", self.recognition_net)
         with pyro.plate("data", x.shape[-2], dim=-1):

@@ -1,0 +1,130 @@
+"""Training curves and NCLL bars of every run in a runs directory, as one PNG; and the one way
+this package writes a matplotlib figure to a PNG file (Agg, atomically).
+
+Figures are built with ``matplotlib.figure.Figure`` and drawn by the Agg canvas directly, never
+through ``pyplot``: no global figure state, no GUI backend, the same bytes for the same figure.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+from pathlib import Path
+
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
+
+from .atomic import atomic_write_bytes
+from .model import VARIANTS
+from .train import CONFIG, METRICS, TrainConfig
+
+DPI = 128  # a power of two: pixel sizes / DPI * DPI are exact, so a figure's pixel size is what was asked
+CURVES = ("loss", "recon", "kl")
+
+
+def save_png(fig: Figure, path: str | Path) -> Path:
+    """Render ``fig`` with Agg and write it atomically to ``path`` (its folder is created)."""
+    path = Path(path)
+    buffer = io.BytesIO()
+    FigureCanvasAgg(fig).print_png(buffer, metadata={"Software": None})
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_bytes(buffer.getvalue(), path)
+    return path
+
+
+def _read_metrics(run_dir: Path) -> list[dict]:
+    """Per-epoch records of a run, one per epoch (the last written wins), in epoch order."""
+    path = run_dir / METRICS
+    if not path.is_file():
+        return []
+    by_epoch = {}
+    for line in path.read_text().splitlines():
+        try:
+            record = json.loads(line)
+            by_epoch[int(record["epoch"])] = {k: float(record[k]) for k in ("epoch", *CURVES)}
+        except (ValueError, KeyError, TypeError):  # a torn last line of a run being written
+            continue
+    return [by_epoch[e] for e in sorted(by_epoch)]
+
+
+def _test_evaluation(run_dir: Path) -> dict | None:
+    """The run's test-split evaluation with the most importance samples, if any."""
+    found = []
+    for path in run_dir.glob("eval-test-S*.json"):
+        try:
+            result = json.loads(path.read_text())
+            found.append((int(result["samples"]), result))
+        except (ValueError, KeyError, TypeError, OSError):
+            continue
+    return max(found, key=lambda pair: pair[0])[1] if found else None
+
+
+def _reference(run_dir: Path, variant: str) -> float | None:
+    """The reference implementation's NCLL, which only applies to runs on its random masks."""
+    v = VARIANTS.get(variant)
+    try:
+        mask = TrainConfig.from_json(run_dir / CONFIG).mask
+    except (OSError, ValueError, TypeError):
+        mask = "random"
+    return v.reference_ncll if v is not None and mask == "random" else None
+
+
+def plot_runs(runs_dir: str | Path = "runs", out: str | Path | None = None) -> Path:
+    """Training curves (loss, recon, kl per epoch, a line per run) and, where runs have test
+    evaluations, their NCLL with standard-error bars beside the reference's, as one PNG.
+
+    A run is a sub-folder holding ``config.json``. Default output: ``<runs_dir>/plots.png``."""
+    runs_dir = Path(runs_dir)
+    runs = sorted(p for p in runs_dir.iterdir() if (p / CONFIG).is_file()) if runs_dir.is_dir() else []
+    if not runs:
+        raise ValueError(f"no runs in {runs_dir} (no sub-folder with {CONFIG}); train one with: "
+                         f"pyro-cvae train --runs-dir {runs_dir}, or point --runs-dir at the right folder.")
+    evaluations = [(run, e) for run in runs if (e := _test_evaluation(run)) is not None]
+
+    fig = Figure(figsize=(12, 8 if evaluations else 4), dpi=DPI, layout="constrained")
+    grid = fig.add_gridspec(2 if evaluations else 1, len(CURVES))
+    for i, name in enumerate(CURVES):
+        ax = fig.add_subplot(grid[0, i])
+        for k, run in enumerate(runs):
+            records = _read_metrics(run)
+            if records:  # ten colours, then the same ten dashed, then dotted
+                ax.plot([r["epoch"] for r in records], [r[name] for r in records], marker=".", label=run.name,
+                        color=f"C{k % 10}", linestyle=("-", "--", ":")[k // 10 % 3])
+        ax.set(title=f"{name} per image (nats)", xlabel="epoch")
+        ax.grid(alpha=0.3)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    handles, labels = fig.axes[0].get_legend_handles_labels()
+    if handles:
+        fig.axes[-1].legend(handles, labels, fontsize="small", loc="upper left", bbox_to_anchor=(1.02, 1))
+
+    if evaluations:
+        ax = fig.add_subplot(grid[1, :])
+        width = 0.4
+        for i, (run, e) in enumerate(evaluations):
+            reference = _reference(run, e.get("variant", run.name))
+            at = i if reference is None else i - width / 2
+            se = e.get("ncll_se")
+            se = se if se is not None and math.isfinite(se) else 0.0
+            ax.bar(at, e["ncll"], width, yerr=se or None, capsize=3, color="tab:blue",
+                   label="this project (test split)")
+            ax.annotate(f"{e['ncll']:.1f}", (at, e["ncll"] + se), ha="center", va="bottom", fontsize="small",
+                        xytext=(0, 2), textcoords="offset points")
+            if reference is not None:
+                ax.bar(i + width / 2, reference, width, color="tab:gray", label="reference (its train split)")
+                ax.annotate(f"{reference:.1f}", (i + width / 2, reference), ha="center", va="bottom",
+                            fontsize="small", xytext=(0, 2), textcoords="offset points")
+        ax.set_xlim(-0.7, len(evaluations) - 0.3)
+        ax.margins(y=0.1)
+        ticks = [f"{run.name}\nS={e['samples']}" + (f", {e['images']} images" if "images" in e else "")
+                 for run, e in evaluations]
+        ax.set_xticks(range(len(evaluations)), ticks, fontsize="small")
+        ax.set(title="NCLL of the hidden pixels (nats per image, lower is better; ± one standard error)",
+               ylabel="NCLL")
+        # one legend entry per kind of bar, however many bars of each
+        handles, labels = ax.get_legend_handles_labels()
+        unique = dict(zip(labels, handles))
+        ax.legend(unique.values(), unique.keys(), fontsize="small")
+        ax.grid(axis="y", alpha=0.3)
+    return save_png(fig, out if out is not None else runs_dir / "plots.png")

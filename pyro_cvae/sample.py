@@ -1,0 +1,162 @@
+"""Sample grids: what a trained run predicts for the hidden quadrants, as one PNG.
+
+A column per image; rows, top to bottom:
+
+    input      the visible quadrant(s) in grey, the hidden area in a muted blue
+    truth      the whole image
+    baseline   the deterministic prediction, when there is one (see ``baseline_row``)
+    sample k   a CVAE completion: z ~ p(z|x), pixel probabilities from the generation net
+
+Every prediction shows Bernoulli means (probabilities, not binary draws) in the hidden pixels
+and the true visible pixels pasted back, so a row differs from the truth only where the model
+had to guess. Completions come from the Pyro model itself, traced under a particle plate.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pyro
+import pyro.poutine as poutine
+import torch
+from matplotlib.figure import Figure
+from torchvision.utils import make_grid
+
+from .data import SIDE, evaluation_masks, load_split, visible_input
+from .model import CVAE, hidden_pixels
+from .plots import DPI, save_png
+from .train import is_finished, load_run, resolve_device, run_name
+
+HIDDEN_COLOUR = (0.33, 0.42, 0.60)  # muted blue: no grey level of ink or paper can be mistaken for it
+PAD = 2  # grey-white lines between the cells of the grid
+SCALE = 3  # screen pixels per image pixel
+LABEL_PX = 150  # left margin for the row labels
+TITLE_PX = 62  # top margin for the three short lines of the title
+MIN_WIDTH_PX = 480  # so that the title fits above a grid of one or two columns
+
+
+@torch.no_grad()
+def completions(cvae: CVAE, images: torch.Tensor, hidden: torch.Tensor, num_samples: int = 10) -> torch.Tensor:
+    """Completed images ``(S, B, 784)``: hidden pixels are the model's probabilities, visible ones
+    those of ``images`` ``(B, 784)``.
+
+    The model is traced with ``y`` unobserved under a particle plate, so each particle draws its
+    own z from the prior p(z|x); the ``y`` site's distribution is over the hidden pixels only and
+    its mean is their probabilities. A deterministic model has no z: S is 1."""
+    if num_samples < 1:
+        raise ValueError(f"--num-samples must be at least 1, got {num_samples}.")
+    particles = 1 if cvae.deterministic else num_samples
+    with pyro.plate("particles", particles, dim=-2):
+        trace = poutine.trace(cvae.model).get_trace(visible_input(images, hidden), None, hidden)
+    pixels = hidden_pixels(hidden)  # (B, n_hidden)
+    probs = trace.nodes["y"]["fn"].mean.expand((particles,) + pixels.shape)
+    return images.expand((particles,) + images.shape).scatter(-1, pixels.expand_as(probs), probs)
+
+
+def baseline_row(
+    cvae: CVAE, images: torch.Tensor, hidden: torch.Tensor, baseline_dir: Path | None, device
+) -> tuple[str, torch.Tensor] | None:
+    """(label, completed images ``(B, 784)``) of the deterministic baseline, or None.
+
+    The run's own baseline net when it has one (a deterministic run *is* its baseline: its y
+    site's mean); else a finished ``baseline`` run in ``baseline_dir``. A jointly trained baseline
+    net learns only through the prior (no loss of its own), so its row is labelled as such."""
+    if cvae.deterministic:
+        return "baseline", completions(cvae, images, hidden, 1)[0]
+    if cvae.baseline_net is not None:
+        with torch.no_grad():
+            guess = cvae.baseline_guess(visible_input(images, hidden), hidden)
+        return ("joint baseline" if cvae.variant.baseline == "joint" else "baseline"), guess
+    if baseline_dir is not None and is_finished(baseline_dir):
+        baseline, _, _ = load_run(baseline_dir, device)
+        return "baseline", completions(baseline.eval(), images, hidden, 1)[0]
+    return None
+
+
+def grid_tensor(rows: list[torch.Tensor], hidden: torch.Tensor) -> torch.Tensor:
+    """RGB grid ``(3, H, W)`` of ``rows`` (each ``(B, 784)`` in [0, 1]), a row of cells per tensor.
+
+    The first row is the input: its ``hidden`` ``(B, 784)`` pixels are painted ``HIDDEN_COLOUR``.
+    H = R * (28 + PAD) + PAD and W = B * (28 + PAD) + PAD for R rows."""
+    cells = torch.stack(rows).detach().float().cpu().clamp(0, 1)  # (R, B, 784)
+    rgb = cells.unsqueeze(2).expand(-1, -1, 3, -1).clone()  # (R, B, 3, 784)
+    colour = torch.tensor(HIDDEN_COLOUR).view(3, 1).expand(-1, cells.shape[-1])
+    rgb[0] = torch.where(hidden.cpu().unsqueeze(1), colour, rgb[0])
+    return make_grid(rgb.reshape(-1, 3, SIDE, SIDE), nrow=cells.shape[1], padding=PAD, pad_value=0.85)
+
+
+def render_grid(grid: torch.Tensor, labels: list[str], title: str) -> Figure:
+    """A figure of exactly ``(max(MIN_WIDTH_PX, LABEL_PX + SCALE * W), TITLE_PX + SCALE * H)``
+    pixels: the grid ``(3, H, W)`` with each image pixel a ``SCALE`` x ``SCALE`` block, a label
+    left of each row, the title (three short lines) above."""
+    _, h, w = grid.shape
+    width, height = max(MIN_WIDTH_PX, LABEL_PX + SCALE * w), TITLE_PX + SCALE * h
+    fig = Figure(figsize=(width / DPI, height / DPI), dpi=DPI, facecolor="white")
+    ax = fig.add_axes((LABEL_PX / width, 0, SCALE * w / width, SCALE * h / height))
+    ax.imshow(grid.permute(1, 2, 0).numpy(), interpolation="nearest", aspect="auto")
+    ax.set_axis_off()
+    cell = SIDE + PAD
+    for i, label in enumerate(labels):
+        y = SCALE * (h - PAD - cell * i - SIDE / 2) / height  # centre of row i, from the bottom
+        fig.text((LABEL_PX - 10) / width, y, label, ha="right", va="center", fontsize=10)
+    fig.text(6 / width, 1 - 6 / height, title, ha="left", va="top", fontsize=8, color="0.25")
+    return fig
+
+
+def sample_grid(
+    run_dir: str | Path,
+    num_images: int = 10,
+    num_samples: int = 10,
+    split: str = "test",
+    seed: int = 0,
+    out: str | Path | None = None,
+    runs_dir: str | Path | None = None,
+    data_dir: str | Path | None = None,
+    device: str | torch.device = "cpu",
+    images: torch.Tensor | None = None,
+) -> Path:
+    """Write the sample grid of a run (see the module docstring) and return its path.
+
+    Images are the first ``num_images`` of ``split`` with the masks evaluation uses (fixed per
+    image index by ``seed``); z draws are seeded by ``seed`` too, so the file is reproducible.
+    The baseline row comes from the run, else from a finished ``baseline`` run of the same
+    masks in ``runs_dir`` (default: the folder holding ``run_dir``). A deterministic run (the
+    ``baseline`` variant) has no z to sample: its grid stops after its baseline row.
+    ``images`` ``(N, 784)`` replaces the MNIST split (tests). Default output:
+    ``<run_dir>/samples-<split>.png``."""
+    if num_images < 1:
+        raise ValueError(f"--num-images must be at least 1, got {num_images}.")
+    if num_samples < 1:
+        raise ValueError(f"--num-samples must be at least 1, got {num_samples}.")
+    device = resolve_device(device) if isinstance(device, str) else device
+    run_dir = Path(run_dir)
+    cvae, config, checkpoint = load_run(run_dir, device)
+    cvae.eval()
+    if images is None:
+        images, _ = load_split(split, data_dir)
+    if num_images > len(images):
+        raise ValueError(f"--num-images is {num_images} but the {split} split has {len(images)} images; ask for fewer.")
+    # masks fixed per image index over the whole split, as evaluation draws them
+    hidden = evaluation_masks(len(images), config.mask, config.inputs, seed)[:num_images].to(device)
+    images = images[:num_images].to(device)
+
+    pyro.set_rng_seed(seed)
+    rows, labels = [images, images], ["input", "truth"]
+    runs_dir = Path(runs_dir) if runs_dir is not None else run_dir.parent
+    baseline_dir = runs_dir / run_name("baseline", config.mask, config.inputs)
+    baseline = baseline_row(cvae, images, hidden, baseline_dir, device)
+    if baseline is not None:
+        labels.append(baseline[0])
+        rows.append(baseline[1])
+    if not cvae.deterministic:
+        samples = completions(cvae, images, hidden, num_samples)
+        rows.extend(samples)
+        labels.extend(f"sample {k + 1}" for k in range(num_samples))
+
+    masks = "random masks" if config.mask == "random" else f"fixed masks, {config.inputs} visible"
+    name = run_dir.name if run_dir.name == config.variant else f"{run_dir.name} ({config.variant})"
+    drawn = "pixel probabilities" if cvae.deterministic else "pixel probabilities, z from the prior p(z|x)"
+    title = (f"{name}, epoch {checkpoint['epoch']}/{config.epochs}\n"
+             f"{split} images 0-{num_images - 1}, {masks}, seed {seed}\n{drawn}")
+    fig = render_grid(grid_tensor(rows, hidden), labels, title)
+    return save_png(fig, out if out is not None else run_dir / f"samples-{split}.png")

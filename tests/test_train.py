@@ -1,0 +1,144 @@
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from pyro_cvae import train as train_mod
+from pyro_cvae.cli import app
+from pyro_cvae.train import CHECKPOINT, RunError, TrainConfig, load_run, train
+
+from .helpers import fake_images, train_tiny
+
+
+def test_run_directory_holds_config_checkpoint_and_metrics(tmp_path):
+    run_dir = tmp_path / "runs" / "joint-scratch"
+    result = train_tiny(run_dir, epochs=2)
+    assert result.status == "finished" and result.epochs_done == 2 and result.steps == 8
+    config = json.loads((run_dir / "config.json").read_text())
+    assert config["variant"] == "joint-scratch" and config["batch_size"] == 16 and config["lr"] == 1e-3
+    lines = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [m["epoch"] for m in lines] == [1, 2] and [m["step"] for m in lines] == [4, 8]
+    assert all(abs(m["loss"] - m["recon"] - m["kl"]) < 1e-3 for m in lines)
+    checkpoint = torch.load(run_dir / CHECKPOINT, weights_only=False)
+    assert checkpoint["epoch"] == 2 and checkpoint["step"] == 8 and "optimizer" in checkpoint and "rng" in checkpoint
+    assert not list(run_dir.glob(".*tmp*")), "no temporary files left behind"
+
+
+def test_finished_run_is_not_retrained_unless_forced(tmp_path):
+    run_dir = tmp_path / "runs" / "no-baseline"
+    train_tiny(run_dir, "no-baseline")
+    stamp = (run_dir / CHECKPOINT).stat().st_mtime_ns
+    assert train_tiny(run_dir, "no-baseline").status == "already finished"
+    assert (run_dir / CHECKPOINT).stat().st_mtime_ns == stamp
+    config = TrainConfig(variant="no-baseline", epochs=1, batch_size=16, limit=64)
+    forced = train(config, run_dir=run_dir, images=fake_images(64), progress=False, log=lambda m: None, force=True)
+    assert forced.status == "finished" and forced.steps == 4
+
+
+def test_resume_continues_exactly_where_it_stopped(tmp_path):
+    straight = tmp_path / "a" / "joint-scratch"
+    train_tiny(straight, epochs=2)
+    resumed = tmp_path / "b" / "joint-scratch"
+    train_tiny(resumed, epochs=1)
+    result = train_tiny(resumed, epochs=2)
+    assert result.steps == 8
+    a, _, ca = load_run(straight)
+    b, _, cb = load_run(resumed)
+    assert ca["step"] == cb["step"] == 8
+    for (name, p), q in zip(a.state_dict().items(), b.state_dict().values()):
+        assert torch.equal(p, q), f"{name} differs after resuming"
+    sa, sb = ca["optimizer"]["state"], cb["optimizer"]["state"]
+    assert all(torch.equal(sa[k]["exp_avg"], sb[k]["exp_avg"]) for k in sa)
+
+
+def test_a_different_run_in_the_same_directory_is_refused(tmp_path):
+    run_dir = tmp_path / "runs" / "joint-scratch"
+    train_tiny(run_dir)
+    with pytest.raises(RunError, match=r"holds a different run \(lr: 0.001 there, 0.01 asked\).*--force"):
+        train_tiny(run_dir, lr=0.01)
+
+
+def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):
+    run_dir = tmp_path / "runs" / "joint-scratch"
+    train_tiny(run_dir, epochs=1)
+    good = torch.load(run_dir / CHECKPOINT, weights_only=False)
+    real = train_mod.objective
+    calls = {"n": 0}
+
+    def exploding(*args, **kwargs):
+        calls["n"] += 1
+        terms = real(*args, **kwargs)
+        if calls["n"] == 2:
+            terms["loss"] = terms["loss"] * float("nan")
+        return terms
+
+    monkeypatch.setattr(train_mod, "objective", exploding)
+    with pytest.raises(RunError, match=r"loss became nan at step 5 .*last good checkpoint"):
+        train_tiny(run_dir, epochs=2)
+    kept = torch.load(run_dir / CHECKPOINT, weights_only=False)
+    assert kept["step"] == good["step"] == 4
+    assert all(torch.equal(kept["model"][k], good["model"][k]) for k in good["model"])
+
+
+def test_pretrained_baseline_is_trained_first_when_missing(tmp_path):
+    messages = []
+    config = TrainConfig(variant="cvae", epochs=1, batch_size=16, limit=64)
+    train(config, run_dir=tmp_path / "runs" / "cvae", runs_dir=tmp_path / "runs", images=fake_images(64),
+          progress=False, log=messages.append)
+    assert any("training it first" in m for m in messages)
+    baseline, _, _ = load_run(tmp_path / "runs" / "baseline")
+    cvae, _, _ = load_run(tmp_path / "runs" / "cvae")
+    # the frozen copy inside the CVAE is the pretrained net
+    for p, q in zip(baseline.baseline_net.parameters(), cvae.baseline_net.parameters()):
+        assert torch.equal(p, q)
+    messages.clear()
+    train(TrainConfig(variant="joint-pretrained", epochs=1, batch_size=16, limit=64),
+          runs_dir=tmp_path / "runs", images=fake_images(64), progress=False, log=messages.append)
+    assert any("using the pretrained baseline" in m for m in messages)
+
+
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (["--variant", "nope"], "'nope' is not one of"),
+        (["--epochs", "0"], "--epochs"),
+        (["--batch-size", "0"], "--batch-size"),
+        (["--lr", "0"], "--lr"),
+        (["--lr", "-1e-3"], "--lr"),
+        (["--inputs", "4"], "--inputs"),
+        (["--mask", "diagonal"], "'diagonal' is not one of"),
+        (["--device", "tpu"], "'tpu' is not one of"),
+    ],
+)
+def test_cli_refuses_bad_options(args, message, tmp_path):
+    result = CliRunner().invoke(app, ["train", "--runs-dir", str(tmp_path), *args])
+    assert result.exit_code == 2
+    assert message in " ".join(result.output.split()).replace("│", "").replace("  ", " ") or message in result.output
+    assert not list(tmp_path.iterdir()), "nothing written for a refused command"
+
+
+def test_interrupted_run_saves_and_resumes(mnist_dir, tmp_path):
+    """Ctrl-C stops after the current step with a consistent checkpoint; the same command resumes."""
+    cmd = [sys.executable, "-m", "pyro_cvae", "train", "--variant", "baseline", "--limit", "1600", "--epochs", "3",
+           "--batch-size", "8", "--runs-dir", str(tmp_path), "--no-progress", "--data-dir", str(mnist_dir)]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.time() + 60
+    while not (tmp_path / "baseline" / "config.json").exists() and time.time() < deadline:
+        time.sleep(0.1)
+    time.sleep(0.5)
+    proc.send_signal(signal.SIGINT)
+    out, _ = proc.communicate(timeout=60)
+    assert proc.returncode == 130, out
+    assert "interrupted at step" in out and "resume" in out
+    checkpoint = torch.load(tmp_path / "baseline" / CHECKPOINT, weights_only=False)
+    assert 0 < checkpoint["step"] < 600
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert f"resuming {tmp_path / 'baseline'}" in " ".join(done.stdout.split()) or "resuming" in done.stdout
+    assert torch.load(tmp_path / "baseline" / CHECKPOINT, weights_only=False)["step"] == 600
