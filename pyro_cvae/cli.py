@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import enum
 import functools
+import math
 import os
 from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from . import data as data_lib
@@ -62,8 +64,8 @@ def _friendly(fn):
 
         try:
             return fn(*args, **kwargs)
-        except (DataError, RunError, ValueError, FileNotFoundError) as e:
-            errors.print(f"[bold red]error:[/] {e}", highlight=False, soft_wrap=True)
+        except (DataError, RunError, ValueError, OSError) as e:
+            errors.print(f"[bold red]error:[/] {escape(str(e))}", highlight=False, soft_wrap=True)
             raise typer.Exit(1) from None
 
     return wrapper
@@ -75,14 +77,14 @@ def _threads(threads: int | None) -> None:
     torch.set_num_threads(threads or os.cpu_count() or 1)
 
 
-def _run_dir(run_dir: Path | None, runs_dir: Path, variant: VariantName | None, mask: Mask = Mask.random, inputs: int = 1) -> Path:
+def _run_dir(run_dir: Path | None, runs_dir: Path | None, variant: VariantName | None, mask: Mask = Mask.random, inputs: int = 1) -> Path:
     from .train import run_name
 
     if run_dir is not None:
         return run_dir
     if variant is None:
         raise ValueError("name a run: --variant NAME (looked up in --runs-dir) or --run-dir DIR.")
-    return runs_dir / run_name(variant.value, mask.value, inputs)
+    return (runs_dir or Path("runs")) / run_name(variant.value, mask.value, inputs)
 
 
 @app.command("data")
@@ -126,7 +128,7 @@ def train_cmd(
     hybrid_weight: Annotated[float, typer.Option(min=0.0, max=1.0, help="Weight of the CVAE term in 'hybrid'.")] = 0.5,
     force: Annotated[bool, typer.Option(help="Start over even if the run directory holds a run.")] = False,
     data_dir: DataDir = None,
-    runs_dir: RunsDir = Path("runs"),
+    runs_dir: Annotated[Optional[Path], typer.Option(help="Folder of run directories (default: runs; with --run-dir, the folder holding it: where the pretrained baseline is found).")] = None,
     run_dir: RunDir = None,
     device: DeviceOpt = Device.auto,
     threads: Threads = None,
@@ -135,8 +137,8 @@ def train_cmd(
     """Train a variant (or resume its unfinished run) with SVI; leaves RUNS_DIR/VARIANT/."""
     from .train import TrainConfig, train
 
-    if lr <= 0:
-        raise typer.BadParameter(f"must be positive, got {lr}", param_hint="--lr")
+    if not (lr > 0 and math.isfinite(lr)):
+        raise typer.BadParameter(f"must be a positive number, got {lr}", param_hint="--lr")
     _threads(threads)
     config = TrainConfig(variant=variant.value, epochs=epochs, batch_size=batch_size, lr=lr, seed=seed,
                          mask=mask.value, inputs=inputs, limit=limit, hybrid_weight=hybrid_weight)

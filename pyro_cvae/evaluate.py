@@ -100,7 +100,12 @@ class Evaluation:
 
     @property
     def path_name(self) -> str:
-        return f"eval-{self.split}-S{self.samples}.json"
+        return eval_file_name(self.split, self.samples)
+
+
+def eval_file_name(split: str, samples: int) -> str:
+    """Where an evaluation is saved in its run directory (a deterministic run records S=1)."""
+    return f"eval-{split}-S{samples}.json"
 
 
 def evaluate_run(
@@ -126,7 +131,7 @@ def evaluate_run(
     run_dir = Path(run_dir)
     cvae, config, checkpoint = load_run(run_dir, device)
     if checkpoint["epoch"] < config.epochs:
-        log(f"[yellow]note: {run_dir} is trained for {checkpoint['epoch']} of {config.epochs} epochs.[/]")
+        log(f"note: {run_dir} is trained for {checkpoint['epoch']} of {config.epochs} epochs.")
     if images is None:
         images, _ = load_split(split, data_dir)
     # masks fixed per image index by the seed over the whole split, so --limit takes a prefix of them
@@ -139,7 +144,7 @@ def evaluate_run(
         proposal = "recognition net q(z|x,y)"
     else:
         proposal = "prior p(z|x) (no recognition net)"
-        log("[yellow]this run has no recognition net: the prior p(z|x) is the importance proposal.[/]")
+        log("note: this run has no recognition net: the prior p(z|x) is the importance proposal.")
     pyro.set_rng_seed(seed)
     started = time.perf_counter()
     ncll, ess = ncll_per_image(cvae, images.to(device), hidden.to(device), samples, image_batch=batch_size)

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 import pyro
 import pyro.distributions as dist
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from .nets import Z_DIM, BaselineNet, GaussianNet, GenerationNet
@@ -83,6 +84,22 @@ def get_variant(name: str) -> Variant:
         return VARIANTS[name]
     except KeyError:
         raise ValueError(f"unknown variant {name!r}; choose one of: {', '.join(VARIANTS)}.") from None
+
+
+class GreyBernoulli(dist.Bernoulli):
+    """Bernoulli pixels on logits, scored against grey targets in [0, 1] (hence no validation):
+    log p(y) = y * logits - softplus(logits), minus the binary cross-entropy. The same values as
+    ``Bernoulli.log_prob``, computed in fewer passes than its BCE kernel: evaluation calls this
+    on 100 particles x 588 pixels of every image."""
+
+    def __init__(self, logits: torch.Tensor):
+        super().__init__(logits=logits, validate_args=False)
+
+    def expand(self, batch_shape, _instance=None):
+        return GreyBernoulli(self.logits.expand(torch.Size(batch_shape)))
+
+    def log_prob(self, value: torch.Tensor) -> torch.Tensor:
+        return value * self.logits - F.softplus(self.logits)
 
 
 def hidden_pixels(hidden: torch.Tensor) -> torch.Tensor:
@@ -152,9 +169,8 @@ class CVAE(nn.Module):
                 z = pyro.sample("z", dist.Normal(loc, scale).to_event(1))
                 logits = self.generation_net(z, x)
             pixels = hidden_pixels(hidden)
-            # grey targets in [0, 1]: a Bernoulli "likelihood" that is the BCE, hence validate_args=False
-            likelihood = dist.Bernoulli(logits=take(logits, pixels), validate_args=False)
-            return pyro.sample("y", likelihood.to_event(1), obs=None if y is None else take(y, pixels))
+            likelihood = GreyBernoulli(take(logits, pixels)).to_event(1)
+            return pyro.sample("y", likelihood, obs=None if y is None else take(y, pixels))
 
     def guide(self, x: torch.Tensor, y: torch.Tensor | None = None, hidden: torch.Tensor | None = None):
         """q(z|x,y): the recognition net sees the whole image (x with its hidden pixels from y)."""

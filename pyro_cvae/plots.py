@@ -18,7 +18,7 @@ from matplotlib.ticker import MaxNLocator
 
 from .atomic import atomic_write_bytes
 from .model import VARIANTS
-from .train import CONFIG, METRICS, TrainConfig
+from .train import CONFIG, TrainConfig, read_metrics
 
 DPI = 128  # a power of two: pixel sizes / DPI * DPI are exact, so a figure's pixel size is what was asked
 CURVES = ("loss", "recon", "kl")
@@ -32,21 +32,6 @@ def save_png(fig: Figure, path: str | Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_bytes(buffer.getvalue(), path)
     return path
-
-
-def _read_metrics(run_dir: Path) -> list[dict]:
-    """Per-epoch records of a run, one per epoch (the last written wins), in epoch order."""
-    path = run_dir / METRICS
-    if not path.is_file():
-        return []
-    by_epoch = {}
-    for line in path.read_text().splitlines():
-        try:
-            record = json.loads(line)
-            by_epoch[int(record["epoch"])] = {k: float(record[k]) for k in ("epoch", *CURVES)}
-        except (ValueError, KeyError, TypeError):  # a torn last line of a run being written
-            continue
-    return [by_epoch[e] for e in sorted(by_epoch)]
 
 
 def _test_evaluation(run_dir: Path) -> dict | None:
@@ -88,7 +73,7 @@ def plot_runs(runs_dir: str | Path = "runs", out: str | Path | None = None) -> P
     for i, name in enumerate(CURVES):
         ax = fig.add_subplot(grid[0, i])
         for k, run in enumerate(runs):
-            records = _read_metrics(run)
+            records = [r for r in read_metrics(run) if all(k in r for k in CURVES)]
             if records:  # ten colours, then the same ten dashed, then dotted
                 ax.plot([r["epoch"] for r in records], [r[name] for r in records], marker=".", label=run.name,
                         color=f"C{k % 10}", linestyle=("-", "--", ":")[k // 10 % 3])

@@ -58,18 +58,21 @@ def baseline_row(
 ) -> tuple[str, torch.Tensor] | None:
     """(label, completed images ``(B, 784)``) of the deterministic baseline, or None.
 
-    The run's own baseline net when it has one (a deterministic run *is* its baseline: its y
-    site's mean); else a finished ``baseline`` run in ``baseline_dir``. A jointly trained baseline
-    net learns only through the prior (no loss of its own), so its row is labelled as such."""
+    A deterministic run *is* its baseline (its y site's mean); a frozen baseline is the pretrained
+    one; otherwise a finished ``baseline`` run in ``baseline_dir``. Without one, a jointly trained
+    baseline net is shown, labelled as such: it learns only through the prior (no loss of its
+    own), so what it draws is a code for the prior, not a prediction."""
     if cvae.deterministic:
         return "baseline", completions(cvae, images, hidden, 1)[0]
-    if cvae.baseline_net is not None:
+    if cvae.variant.baseline == "frozen":  # the pretrained baseline itself
         with torch.no_grad():
-            guess = cvae.baseline_guess(visible_input(images, hidden), hidden)
-        return ("joint baseline" if cvae.variant.baseline == "joint" else "baseline"), guess
+            return "baseline", cvae.baseline_guess(visible_input(images, hidden), hidden)
     if baseline_dir is not None and is_finished(baseline_dir):
         baseline, _, _ = load_run(baseline_dir, device)
         return "baseline", completions(baseline.eval(), images, hidden, 1)[0]
+    if cvae.baseline_net is not None:  # no standalone baseline: show what the joint one feeds the prior
+        with torch.no_grad():
+            return "joint baseline", cvae.baseline_guess(visible_input(images, hidden), hidden)
     return None
 
 

@@ -47,6 +47,10 @@ class TrainConfig:
     limit: int | None = None  # use the first N training images only
     hybrid_weight: float = 0.5  # weight of the CVAE objective in "hybrid" (the GSNN gets 1 - it)
 
+    def __post_init__(self) -> None:
+        if self.mask == "random":
+            self.inputs = 1  # only the fixed protocol has a number of visible quadrants
+
     def validate(self) -> None:
         get_variant(self.variant)
         checks = [
@@ -69,8 +73,15 @@ class TrainConfig:
 
     @classmethod
     def from_json(cls, path: Path) -> "TrainConfig":
-        raw = json.loads(path.read_text())
-        return cls(**{f.name: raw[f.name] for f in fields(cls) if f.name in raw})
+        try:
+            raw = json.loads(path.read_text())
+            return cls(**{f.name: raw[f.name] for f in fields(cls) if f.name in raw})
+        except (OSError, ValueError, TypeError) as e:
+            raise RunError(f"{path} cannot be read ({type(e).__name__}: {e}); train the run again with --force.") from None
+
+    def baseline(self) -> "TrainConfig":
+        """The config of the pretrained baseline this run's variant starts from."""
+        return TrainConfig(**{**asdict(self), "variant": "baseline", "hybrid_weight": 0.5})
 
 
 def run_name(variant: str, mask: str = "random", inputs: int = 1) -> str:
@@ -186,8 +197,29 @@ def load_run(run_dir: str | Path, device: torch.device | str = "cpu") -> tuple[C
     config = TrainConfig.from_json(run_dir / CONFIG)
     checkpoint = read_checkpoint(run_dir, device)
     cvae = CVAE(get_variant(config.variant)).to(device)
-    cvae.load_state_dict(checkpoint["model"])
+    try:
+        cvae.load_state_dict(checkpoint["model"])
+    except (KeyError, RuntimeError) as e:
+        raise RunError(f"{run_dir / CHECKPOINT} does not fit a {config.variant} model ({type(e).__name__}); "
+                       "train it again with --force.") from None
     return cvae, config, checkpoint
+
+
+def read_metrics(run_dir: Path) -> list[dict]:
+    """The per-epoch records of a run (the last line written for an epoch wins), in epoch order;
+    a torn line of a run being written is skipped."""
+    by_epoch = {}
+    try:
+        lines = (Path(run_dir) / METRICS).read_text().splitlines()
+    except OSError:
+        return []
+    for line in lines:
+        try:
+            record = json.loads(line)
+            by_epoch[int(record["epoch"])] = record
+        except (ValueError, KeyError, TypeError):
+            continue
+    return [by_epoch[e] for e in sorted(by_epoch)]
 
 
 def is_finished(run_dir: Path) -> bool:
@@ -214,13 +246,18 @@ class TrainResult:
 
 def _pretrained_baseline(config: TrainConfig, runs_dir: Path, device, data_dir, log, progress) -> dict:
     """State dict of the pretrained baseline net, training it first when it is missing."""
-    base_config = TrainConfig(**{**asdict(config), "variant": "baseline", "hybrid_weight": 0.5})
+    base_config = config.baseline()
     base_dir = default_run_dir(runs_dir, base_config)
     if not is_finished(base_dir):
-        log(f"[yellow]{config.variant} needs a pretrained baseline; none finished in {base_dir}: training it first.[/]")
-        train(base_config, run_dir=base_dir, data_dir=data_dir, device=device, log=log, progress=progress)
+        log(f"{config.variant} needs a pretrained baseline; none finished in {base_dir}: training it first.")
+        result = train(base_config, run_dir=base_dir, data_dir=data_dir, device=device, log=log, progress=progress)
+        if result.status != "finished":
+            raise RunError(f"interrupted while pretraining the baseline in {base_dir}; run the same command to resume.")
     else:
+        found = TrainConfig.from_json(base_dir / CONFIG)
         log(f"using the pretrained baseline in {base_dir}")
+        if found != base_config:
+            log(f"note: that baseline was trained with {found}, this run asks {base_config}")
     cvae, _, _ = load_run(base_dir, device)
     return cvae.baseline_net.state_dict()
 
@@ -228,7 +265,7 @@ def _pretrained_baseline(config: TrainConfig, runs_dir: Path, device, data_dir, 
 def train(
     config: TrainConfig,
     run_dir: str | Path | None = None,
-    runs_dir: str | Path = "runs",
+    runs_dir: str | Path | None = None,
     data_dir: str | Path | None = None,
     device: str | torch.device = "auto",
     force: bool = False,
@@ -236,11 +273,16 @@ def train(
     progress: bool = True,
     images: torch.Tensor | None = None,
 ) -> TrainResult:
-    """Train (or resume) one run. ``images`` ``(N, 784)`` replaces the MNIST training split (tests)."""
+    """Train (or resume) one run in ``run_dir`` (default ``runs_dir/<variant>``). A pretrained
+    baseline is looked up in (or trained into) ``runs_dir``, by default the folder holding the
+    run. ``images`` ``(N, 784)`` replaces the MNIST training split (tests)."""
     config.validate()
     device = resolve_device(device) if isinstance(device, str) else device
-    runs_dir = Path(runs_dir)
-    run_dir = Path(run_dir) if run_dir is not None else default_run_dir(runs_dir, config)
+    if run_dir is None:
+        runs_dir = Path(runs_dir if runs_dir is not None else "runs")
+        run_dir = default_run_dir(runs_dir, config)
+    run_dir = Path(run_dir)
+    runs_dir = Path(runs_dir) if runs_dir is not None else run_dir.parent
     variant = get_variant(config.variant)
 
     checkpoint = None
@@ -258,8 +300,10 @@ def train(
             log(f"{run_dir} is already trained for {checkpoint['epoch']} epochs; pass --force to train it again.")
             return TrainResult(run_dir, checkpoint["epoch"], checkpoint["step"], 0.0, "already finished")
     elif force and run_dir.exists():
-        for name in [CHECKPOINT, METRICS, *[p.name for p in run_dir.glob("eval-*.json")]]:
+        for name in [CHECKPOINT, METRICS]:
             (run_dir / name).unlink(missing_ok=True)
+    for stale in [*run_dir.glob("eval-*.json"), *run_dir.glob("samples-*.png")]:  # of weights about to change
+        stale.unlink()
     run_dir.mkdir(parents=True, exist_ok=True)
 
     if images is None:
@@ -268,24 +312,33 @@ def train(
         images = images[: config.limit]
     images = images.to(device)
 
+    pretrained = None
+    if checkpoint is None and variant.needs_pretrained_baseline:
+        pretrained = _pretrained_baseline(config, runs_dir, device, data_dir, log, progress)
     pyro.clear_param_store()
     pyro.set_rng_seed(config.seed)
     cvae = CVAE(variant).to(device)
-    if checkpoint is None and variant.needs_pretrained_baseline:
-        cvae.baseline_net.load_state_dict(_pretrained_baseline(config, runs_dir, device, data_dir, log, progress))
+    if pretrained is not None:
+        cvae.baseline_net.load_state_dict(pretrained)
     optimizer = make_optimizer(cvae, config.lr)
     epoch, start_batch, step = 0, 0, 0
     if checkpoint is not None:
         cvae.load_state_dict(checkpoint["model"])
         optimizer.load_state_dict(checkpoint["optimizer"])
         epoch, start_batch, step = checkpoint["epoch"], checkpoint["batch"], checkpoint["step"]
-        torch.set_rng_state(checkpoint["rng"])
+        torch.set_rng_state(checkpoint["rng"].cpu())
+        if "cuda_rng" in checkpoint and device.type == "cuda":
+            torch.cuda.set_rng_state(checkpoint["cuda_rng"].cpu())
         log(f"resuming {run_dir} at epoch {epoch + 1}, batch {start_batch}, step {step}")
     atomic_write_text(json.dumps(asdict(config), indent=2) + "\n", run_dir / CONFIG)
 
-    def save(epoch: int, batch: int) -> None:
+    def save(epoch: int, batch: int, partial: dict | None = None) -> None:
         state = {"model": cvae.state_dict(), "optimizer": optimizer.state_dict(), "epoch": epoch, "batch": batch,
                  "step": step, "rng": torch.get_rng_state(), "config": asdict(config)}
+        if partial is not None:
+            state["partial"] = partial
+        if device.type == "cuda":
+            state["cuda_rng"] = torch.cuda.get_rng_state()
         atomic_save(state, run_dir / CHECKPOINT)
 
     per_epoch = steps_per_epoch(len(images), config.batch_size)
@@ -298,6 +351,9 @@ def train(
             while epoch < config.epochs:
                 sums = {"loss": 0.0, "recon": 0.0, "kl": 0.0}
                 count, epoch_start = 0, time.perf_counter()
+                if start_batch and checkpoint is not None and "partial" in checkpoint:  # an interrupted epoch
+                    sums, count = dict(checkpoint["partial"]["sums"]), checkpoint["partial"]["count"]
+                    epoch_start -= checkpoint["partial"]["seconds"]
                 batch_index = start_batch
                 for batch in epoch_batches(images, config.batch_size, epoch, config.seed, config.mask, config.inputs,
                                            start=start_batch):
@@ -310,21 +366,26 @@ def train(
                     for k in sums:
                         sums[k] += values[k]
                     bar.advance(step, epoch, {k: v / count for k, v in sums.items()})
-                    if stop.requested:
+                    if stop.requested and batch_index < per_epoch:
                         raise _Stop
                 epoch += 1
-                start_batch = 0
+                start_batch = batch_index = 0
                 save(epoch, 0)
+                if count == 0:
+                    continue
                 seconds = time.perf_counter() - epoch_start
-                record = {"epoch": epoch, "step": step, **{k: v / max(count, 1) for k, v in sums.items()},
+                record = {"epoch": epoch, "step": step, **{k: v / count for k, v in sums.items()},
                           "seconds": round(seconds, 2), "steps_per_s": round(count / max(seconds, 1e-9), 2)}
                 with open(run_dir / METRICS, "a") as f:
                     f.write(json.dumps(record) + "\n")
                 if not progress:
                     log(f"epoch {epoch}/{config.epochs}: loss {record['loss']:.3f} "
                         f"(recon {record['recon']:.3f}, kl {record['kl']:.3f}), {record['steps_per_s']:.1f} steps/s")
+                if stop.requested and epoch < config.epochs:
+                    raise _Stop
         except _Stop:
-            save(epoch, batch_index)
+            partial = {"sums": sums, "count": count, "seconds": time.perf_counter() - epoch_start} if batch_index else None
+            save(epoch, batch_index, partial)
             log(f"interrupted at step {step}: checkpoint saved in {run_dir}; run the same command to resume.")
             status = "interrupted"
         except _Diverged as e:

@@ -123,22 +123,66 @@ def test_cli_refuses_bad_options(args, message, tmp_path):
     assert not list(tmp_path.iterdir()), "nothing written for a refused command"
 
 
-def test_interrupted_run_saves_and_resumes(mnist_dir, tmp_path):
-    """Ctrl-C stops after the current step with a consistent checkpoint; the same command resumes."""
-    cmd = [sys.executable, "-m", "pyro_cvae", "train", "--variant", "baseline", "--limit", "1600", "--epochs", "3",
-           "--batch-size", "8", "--runs-dir", str(tmp_path), "--no-progress", "--data-dir", str(mnist_dir)]
+def test_interrupted_run_saves_and_resumes_exactly(mnist_dir, tmp_path):
+    """Ctrl-C stops after the current step with a consistent checkpoint; the same command resumes
+    and ends with exactly the weights of an uninterrupted run."""
+    args = ["train", "--variant", "baseline", "--limit", "3200", "--epochs", "2", "--batch-size", "8",
+            "--threads", "1", "--no-progress", "--data-dir", str(mnist_dir)]
+    cmd = [sys.executable, "-m", "pyro_cvae", *args, "--runs-dir", str(tmp_path / "a")]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     deadline = time.time() + 60
-    while not (tmp_path / "baseline" / "config.json").exists() and time.time() < deadline:
-        time.sleep(0.1)
-    time.sleep(0.5)
+    while not (tmp_path / "a" / "baseline" / "config.json").exists() and time.time() < deadline:
+        time.sleep(0.05)
+    time.sleep(0.3)
     proc.send_signal(signal.SIGINT)
-    out, _ = proc.communicate(timeout=60)
+    out, _ = proc.communicate(timeout=120)
     assert proc.returncode == 130, out
     assert "interrupted at step" in out and "resume" in out
-    checkpoint = torch.load(tmp_path / "baseline" / CHECKPOINT, weights_only=False)
-    assert 0 < checkpoint["step"] < 600
+    checkpoint = torch.load(tmp_path / "a" / "baseline" / CHECKPOINT, weights_only=False)
+    assert 0 < checkpoint["step"] < 800 and (checkpoint["batch"] > 0 or checkpoint["epoch"] == 1)
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stdout + done.stderr
-    assert f"resuming {tmp_path / 'baseline'}" in " ".join(done.stdout.split()) or "resuming" in done.stdout
-    assert torch.load(tmp_path / "baseline" / CHECKPOINT, weights_only=False)["step"] == 600
+    assert "resuming" in done.stdout
+    straight = subprocess.run([sys.executable, "-m", "pyro_cvae", *args, "--runs-dir", str(tmp_path / "b")],
+                              capture_output=True, text=True, timeout=120)
+    assert straight.returncode == 0, straight.stdout + straight.stderr
+    a, _, ca = load_run(tmp_path / "a" / "baseline")
+    b, _, cb = load_run(tmp_path / "b" / "baseline")
+    assert ca["step"] == cb["step"] == 800
+    assert all(torch.equal(p, q) for p, q in zip(a.parameters(), b.parameters()))
+    metrics = [json.loads(line) for line in (tmp_path / "a" / "baseline" / "metrics.jsonl").read_text().splitlines()]
+    assert [m["epoch"] for m in metrics] == [1, 2] and all(m["loss"] > 0 for m in metrics)
+
+
+def test_fixed_masks_name_their_runs_and_baselines(tmp_path, mnist_dir):
+    runner = CliRunner()
+    common = ["--runs-dir", str(tmp_path), "--data-dir", str(mnist_dir)]
+    result = runner.invoke(app, ["train", "--variant", "cvae", "--mask", "fixed", "--inputs", "2", "--epochs", "1",
+                                 "--limit", "64", "--no-progress", "--threads", "1", *common])
+    assert result.exit_code == 0, result.output
+    assert (tmp_path / "cvae-fixed2" / "checkpoint.pt").exists() and (tmp_path / "baseline-fixed2" / "checkpoint.pt").exists()
+    assert json.loads((tmp_path / "cvae-fixed2" / "config.json").read_text())["inputs"] == 2
+    result = runner.invoke(app, ["evaluate", "--variant", "cvae", "--mask", "fixed", "--inputs", "2", "--samples", "2",
+                                 "--limit", "10", "--threads", "1", *common])
+    assert result.exit_code == 0, result.output
+    saved = json.loads((tmp_path / "cvae-fixed2" / "eval-test-S2.json").read_text())
+    assert saved["mask"] == "fixed" and saved["inputs"] == 2 and saved["images"] == 10
+
+
+def test_extending_or_forcing_a_run_removes_its_stale_results(tmp_path):
+    run_dir = tmp_path / "runs" / "no-baseline"
+    train_tiny(run_dir, "no-baseline")
+    (run_dir / "eval-test-S5.json").write_text("{}")
+    (run_dir / "samples-test.png").write_bytes(b"png")
+    train_tiny(run_dir, "no-baseline", epochs=2)
+    assert not (run_dir / "eval-test-S5.json").exists() and not (run_dir / "samples-test.png").exists()
+    (run_dir / "eval-test-S5.json").write_text("{}")
+    assert train_tiny(run_dir, "no-baseline", epochs=2).status == "already finished"
+    assert (run_dir / "eval-test-S5.json").exists(), "a finished run keeps its results"
+
+
+def test_variants_command_lists_the_registry():
+    result = CliRunner().invoke(app, ["variants"])
+    assert result.exit_code == 0
+    for name in ("baseline", "joint-scratch", "gsnn", "hybrid", "67.813", "112.382"):
+        assert name in result.output
