@@ -282,7 +282,7 @@ def epoch_batches(
     hidden = hidden_masks(len(images), mask, inputs, g)
     for i in range(start * batch_size, len(images), batch_size):
         idx = order[i : i + batch_size]
-        yield make_batch(images[idx], hidden[i : i + batch_size])
+        yield make_batch(images[idx], hidden[i : i + batch_size].to(images.device))
 
 
 def steps_per_epoch(n: int, batch_size: int) -> int:

@@ -135,13 +135,9 @@ class CVAE(nn.Module):
         return self.generation_net is None
 
     def baseline_guess(self, x: torch.Tensor, hidden: torch.Tensor) -> torch.Tensor:
-        """x with its hidden pixels filled by the baseline's predicted probabilities."""
-        if self.variant.baseline == "frozen":
-            with torch.no_grad():
-                guess = torch.sigmoid(self.baseline_net(x))
-        else:
-            guess = torch.sigmoid(self.baseline_net(x))
-        return torch.where(hidden, guess, x)
+        """x with its hidden pixels filled by the baseline's predicted probabilities (a frozen
+        baseline's parameters need no gradient, so no graph is built through it)."""
+        return torch.where(hidden, torch.sigmoid(self.baseline_net(x)), x)
 
     def prior(self, x: torch.Tensor, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(loc, scale) of p(z|x), each ``(B, z_dim)``."""
