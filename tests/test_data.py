@@ -162,3 +162,22 @@ def test_epoch_batches_cover_the_split_and_resume_exactly():
         assert torch.equal(b.x, data.visible_input(b.y, b.hidden))
     resumed = list(data.epoch_batches(images, 16, epoch=3, seed=7, start=2))
     assert all(torch.equal(a.x, b.x) for a, b in zip(batches[2:], resumed))
+
+
+def test_no_network_gives_the_clear_message(monkeypatch, tmp_path):
+    """With nothing in the cache folder, torchvision's downloader is tried; when it fails, one
+    line says where we looked and how to point at a folder with the files."""
+    import torchvision.datasets
+
+    calls = []
+
+    class Offline:
+        def __init__(self, root, train, download):
+            calls.append(root)
+            raise RuntimeError("Error downloading train-images-idx3-ubyte.gz")
+
+    monkeypatch.delenv("PYRO_CVAE_DATA", raising=False)
+    monkeypatch.setattr(torchvision.datasets, "MNIST", Offline)
+    with pytest.raises(data.DataError, match=r"MNIST not found.*downloading failed \(RuntimeError\).*--data-dir"):
+        data.load_split("test")
+    assert calls == [str(tmp_path / "cache" / "pyro-cvae" / "mnist")]
