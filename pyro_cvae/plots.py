@@ -102,9 +102,10 @@ def plot_runs(runs_dir: str | Path = "runs", out: str | Path | None = None) -> P
                             fontsize="small", xytext=(0, 2), textcoords="offset points")
         ax.set_xlim(-0.7, len(evaluations) - 0.3)
         ax.margins(y=0.1)
-        ticks = [f"{run.name}\nS={e['samples']}" + (f", {e['images']} images" if "images" in e else "")
+        ticks = [f"{run.name} (S={e['samples']}" + (f", {e['images']} images)" if "images" in e else ")")
                  for run, e in evaluations]
-        ax.set_xticks(range(len(evaluations)), ticks, fontsize="small")
+        ax.set_xticks(range(len(evaluations)), ticks, fontsize="small", rotation=25, ha="right",
+                      rotation_mode="anchor")
         ax.set(title="NCLL of the hidden pixels (nats per image, lower is better; ± one standard error)",
                ylabel="NCLL")
         # one legend entry per kind of bar, however many bars of each
