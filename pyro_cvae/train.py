@@ -21,7 +21,7 @@ from pyro.distributions.kl import kl_divergence
 
 from .atomic import atomic_write, atomic_write_text
 from .data import Batch, epoch_batches, load_split, steps_per_epoch
-from .model import CVAE, Variant, get_variant
+from .model import CVAE, get_variant
 
 CHECKPOINT = "checkpoint.pt"
 CONFIG = "config.json"

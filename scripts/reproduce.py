@@ -46,7 +46,7 @@ def run_one(config: dict, run_dir: str, runs_dir: str, data_dir: str | None, eva
     import torch
 
     torch.set_num_threads(threads)
-    from pyro_cvae.evaluate import Evaluation, evaluate_run
+    from pyro_cvae.evaluate import evaluate_run
     from pyro_cvae.train import train
 
     run_dir = Path(run_dir)
@@ -161,7 +161,6 @@ def main(argv: list[str] | None = None) -> int:
     started = time.perf_counter()
     results: dict[str, dict] = {}
     pending = list(runs)
-    per_run_steps = {}
     with Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
                   TextColumn("{task.fields[state]}"), TimeElapsedColumn(), console=console) as progress:
         overall = progress.add_task("all runs", total=len(runs), state="")
@@ -188,7 +187,7 @@ def main(argv: list[str] | None = None) -> int:
                     state = "[red]" + results[name]["error"][:60] if "error" in results[name] else "[green]done"
                     progress.update(tasks[name], state=state)
                     progress.advance(overall)
-                for name, cfg, rd, _ in runs:
+                for name, _, rd, _ in runs:
                     progress.update(tasks[name], completed=_epochs_done(rd))
                 if not futures and pending and not finished:
                     # nothing runs and nothing can start: a dependency failed

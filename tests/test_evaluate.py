@@ -5,7 +5,7 @@ import pyro
 import pytest
 import torch
 import torch.nn.functional as F
-from pyro.infer import Importance, TraceMeanField_ELBO, Trace_ELBO
+from pyro.infer import Importance, Trace_ELBO
 from pyro.infer.importance import vectorized_importance_weights
 from typer.testing import CliRunner
 
