@@ -52,6 +52,10 @@ RunsDir = Annotated[Path, typer.Option(help="Folder of run directories, one per 
 RunDir = Annotated[Optional[Path], typer.Option(help="The run directory itself (default: RUNS_DIR/VARIANT).")]
 DeviceOpt = Annotated[Device, typer.Option(help="Where to compute.")]
 Threads = Annotated[Optional[int], typer.Option(min=1, help="CPU threads for PyTorch (default: all cores).")]
+# which run, for the commands that read one: RUNS_DIR/VARIANT (with its mask protocol) or RUN_DIR
+RunOf = Annotated[Optional[VariantName], typer.Option("--variant", help="The run of this variant in RUNS_DIR.")]
+RunMask = Annotated[Mask, typer.Option("--mask", help="With --variant: the run's masking protocol.")]
+RunInputs = Annotated[int, typer.Option("--inputs", min=1, max=3, help="With --variant and --mask fixed: visible quadrants.")]
 
 
 def _friendly(fn):
@@ -154,7 +158,7 @@ def train_cmd(
 @app.command("evaluate")
 @_friendly
 def evaluate_cmd(
-    variant: Annotated[Optional[VariantName], typer.Option(help="Evaluate RUNS_DIR/VARIANT.")] = None,
+    variant: RunOf = None,
     run_dir: RunDir = None,
     runs_dir: RunsDir = Path("runs"),
     samples: Annotated[int, typer.Option(min=1, help="Importance samples S per image.")] = 100,
@@ -162,8 +166,8 @@ def evaluate_cmd(
     limit: Annotated[Optional[int], typer.Option(min=1, help="Evaluate the first N images only.")] = None,
     batch_size: Annotated[int, typer.Option(min=1, help="Images per chunk; with S particles each, 5,000 rows fit the CPU cache best.")] = 50,
     seed: Annotated[int, typer.Option(help="Seed of the evaluation masks and of the z draws.")] = 0,
-    mask: Annotated[Mask, typer.Option(help="With --variant: which run (random or fixed protocol).")] = Mask.random,
-    inputs: Annotated[int, typer.Option(min=1, max=3, help="With --variant and --mask fixed.")] = 1,
+    mask: RunMask = Mask.random,
+    inputs: RunInputs = 1,
     data_dir: DataDir = None,
     device: DeviceOpt = Device.auto,
     threads: Threads = None,
@@ -189,7 +193,7 @@ def evaluate_cmd(
 @app.command("sample")
 @_friendly
 def sample_cmd(
-    variant: Annotated[Optional[VariantName], typer.Option(help="Sample from RUNS_DIR/VARIANT.")] = None,
+    variant: RunOf = None,
     run_dir: RunDir = None,
     runs_dir: RunsDir = Path("runs"),
     num_images: Annotated[int, typer.Option(min=1, help="Images, one column each: the first N of the split.")] = 10,
@@ -197,8 +201,8 @@ def sample_cmd(
     split: Annotated[Split, typer.Option(help="Images to complete.")] = Split.test,
     seed: Annotated[int, typer.Option(help="Seed of the masks (as evaluate draws them) and of the z draws.")] = 0,
     out: Annotated[Optional[Path], typer.Option(help="PNG to write (default: RUN_DIR/samples-SPLIT.png).")] = None,
-    mask: Annotated[Mask, typer.Option(help="With --variant: which run (random or fixed protocol).")] = Mask.random,
-    inputs: Annotated[int, typer.Option(min=1, max=3, help="With --variant and --mask fixed.")] = 1,
+    mask: RunMask = Mask.random,
+    inputs: RunInputs = 1,
     data_dir: DataDir = None,
     device: DeviceOpt = Device.auto,
     threads: Threads = None,
