@@ -25,7 +25,7 @@ import torch
 from .data import evaluation_masks, load_split, visible_input
 from .model import CVAE
 from .atomic import atomic_write_text
-from .train import load_run, resolve_device
+from .train import load_run, require_at_least_one, resolve_device
 
 
 def _log_prob_per_image(trace) -> torch.Tensor:
@@ -36,7 +36,7 @@ def _log_prob_per_image(trace) -> torch.Tensor:
 
 def log_weights(cvae: CVAE, x: torch.Tensor, y: torch.Tensor, hidden: torch.Tensor, samples: int) -> torch.Tensor:
     """Importance log-weights ``(S, B)``: log p(y, z_s | x) - log q(z_s | x, y)."""
-    proposal = cvae.proposal()
+    proposal, _ = cvae.proposal()
     with pyro.plate("particles", samples, dim=-2):
         guide_trace = poutine.trace(proposal).get_trace(x, y, hidden)
         model_trace = poutine.trace(poutine.replay(cvae.model, trace=guide_trace)).get_trace(x, y, hidden)
@@ -60,8 +60,7 @@ def ncll_per_image(
     keep ``particles * images <= max_rows``, so memory is bounded whatever S is (chunks of
     about 5,000 rows stay in the CPU's cache: 30% faster than 25,000 here). Chunks of
     particles are combined exactly with a running logsumexp."""
-    if samples < 1:
-        raise ValueError(f"the number of importance samples must be at least 1, got {samples}.")
+    require_at_least_one(samples=samples)
     if cvae.deterministic:  # no latent: one "particle" gives the exact log-likelihood
         samples = 1
     ncll, ess = [], []
@@ -122,12 +121,7 @@ def evaluate_run(
     log: Callable[[str], None] = print,
 ) -> Evaluation:
     """Evaluate a trained run and write its results file. ``images`` replaces the MNIST split (tests)."""
-    if samples < 1:
-        raise ValueError(f"--samples must be at least 1, got {samples}.")
-    if limit is not None and limit < 1:
-        raise ValueError(f"--limit must be at least 1, got {limit}.")
-    if batch_size < 1:
-        raise ValueError(f"--batch-size must be at least 1, got {batch_size}.")
+    require_at_least_one(samples=samples, limit=limit, batch_size=batch_size)
     device = resolve_device(device) if isinstance(device, str) else device
     run_dir = Path(run_dir)
     cvae, config, checkpoint = load_run(run_dir, device)
@@ -139,12 +133,8 @@ def evaluate_run(
     hidden = evaluation_masks(len(images), config.mask, config.inputs, seed)
     if limit is not None:
         images, hidden = images[:limit], hidden[:limit]
-    if cvae.deterministic:
-        proposal = "none (deterministic: exact likelihood)"
-    elif cvae.recognition_net is not None:
-        proposal = "recognition net q(z|x,y)"
-    else:
-        proposal = "prior p(z|x) (no recognition net)"
+    _, proposal = cvae.proposal()
+    if proposal.startswith("prior"):
         log("note: this run has no recognition net: the prior p(z|x) is the importance proposal.")
     pyro.set_rng_seed(seed)
     started = time.perf_counter()

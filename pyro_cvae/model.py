@@ -13,6 +13,7 @@ the ``y`` site ``(B, n_hidden)``; or ``(S, B, ...)`` under an outer particle pla
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable
 
 import pyro
 import pyro.distributions as dist
@@ -183,9 +184,14 @@ class CVAE(nn.Module):
             loc, scale = self.prior(x, hidden)
             return pyro.sample("z", dist.Normal(loc, scale).to_event(1))
 
-    def proposal(self):
-        """The importance-sampling proposal: the guide (empty without a latent), else the prior (a GSNN)."""
-        return self.prior_guide if (self.recognition_net is None and not self.deterministic) else self.guide
+    def proposal(self) -> tuple[Callable, str]:
+        """The importance-sampling proposal and what it is: the guide q(z|x,y); for a GSNN, which
+        has no recognition net, the prior; for the deterministic baseline, nothing to sample."""
+        if self.deterministic:
+            return self.guide, "none (deterministic: exact likelihood)"
+        if self.recognition_net is None:
+            return self.prior_guide, "prior p(z|x) (no recognition net)"
+        return self.guide, "recognition net q(z|x,y)"
 
     def trainable_parameters(self) -> list[nn.Parameter]:
         return [p for p in self.parameters() if p.requires_grad]

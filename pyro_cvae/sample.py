@@ -25,7 +25,7 @@ from torchvision.utils import make_grid
 from .data import SIDE, evaluation_masks, load_split, visible_input
 from .model import CVAE, hidden_pixels
 from .plots import DPI, save_png
-from .train import is_finished, load_run, resolve_device, run_name
+from .train import is_finished, load_run, require_at_least_one, resolve_device, run_name
 
 HIDDEN_COLOUR = (0.33, 0.42, 0.60)  # muted blue: no grey level of ink or paper can be mistaken for it
 PAD = 2  # grey-white lines between the cells of the grid
@@ -43,8 +43,7 @@ def completions(cvae: CVAE, images: torch.Tensor, hidden: torch.Tensor, num_samp
     The model is traced with ``y`` unobserved under a particle plate, so each particle draws its
     own z from the prior p(z|x); the ``y`` site's distribution is over the hidden pixels only and
     its mean is their probabilities. A deterministic model has no z: S is 1."""
-    if num_samples < 1:
-        raise ValueError(f"--num-samples must be at least 1, got {num_samples}.")
+    require_at_least_one(num_samples=num_samples)
     particles = 1 if cvae.deterministic else num_samples
     with pyro.plate("particles", particles, dim=-2):
         trace = poutine.trace(cvae.model).get_trace(visible_input(images, hidden), None, hidden)
@@ -127,10 +126,7 @@ def sample_grid(
     ``baseline`` variant) has no z to sample: its grid stops after its baseline row.
     ``images`` ``(N, 784)`` replaces the MNIST split (tests). Default output:
     ``<run_dir>/samples-<split>.png``."""
-    if num_images < 1:
-        raise ValueError(f"--num-images must be at least 1, got {num_images}.")
-    if num_samples < 1:
-        raise ValueError(f"--num-samples must be at least 1, got {num_samples}.")
+    require_at_least_one(num_images=num_images, num_samples=num_samples)
     device = resolve_device(device) if isinstance(device, str) else device
     run_dir = Path(run_dir)
     cvae, config, checkpoint = load_run(run_dir, device)

@@ -53,14 +53,12 @@ class TrainConfig:
 
     def validate(self) -> None:
         get_variant(self.variant)
+        require_at_least_one(epochs=self.epochs, batch_size=self.batch_size, limit=self.limit)
         checks = [
-            (self.epochs >= 1, f"--epochs must be at least 1, got {self.epochs}"),
-            (self.batch_size >= 1, f"--batch-size must be at least 1, got {self.batch_size}"),
             (self.lr > 0 and math.isfinite(self.lr), f"--lr must be a positive number, got {self.lr}"),
             (self.clip_norm > 0, f"clip norm must be positive, got {self.clip_norm}"),
             (self.mask in ("random", "fixed"), f"--mask must be random or fixed, got {self.mask!r}"),
             (self.inputs in (1, 2, 3), f"--inputs must be 1, 2 or 3 visible quadrants, got {self.inputs}"),
-            (self.limit is None or self.limit >= 1, f"--limit must be at least 1, got {self.limit}"),
             (0.0 <= self.hybrid_weight <= 1.0, f"--hybrid-weight must lie in [0, 1], got {self.hybrid_weight}"),
         ]
         for ok, message in checks:
@@ -90,6 +88,13 @@ def run_name(variant: str, mask: str = "random", inputs: int = 1) -> str:
 
 def default_run_dir(runs_dir: str | Path, config: TrainConfig) -> Path:
     return Path(runs_dir) / run_name(config.variant, config.mask, config.inputs)
+
+
+def require_at_least_one(**options: int | None) -> None:
+    """Refuse a count option below 1 (None means "not given"), naming it as the CLI does."""
+    for name, value in options.items():
+        if value is not None and value < 1:
+            raise ValueError(f"--{name.replace('_', '-')} must be at least 1, got {value}.")
 
 
 def resolve_device(device: str = "auto") -> torch.device:
@@ -226,7 +231,8 @@ def is_finished(run_dir: Path) -> bool:
     """Whether the run directory holds a run trained for all the epochs of its config."""
     try:
         config = TrainConfig.from_json(run_dir / CONFIG)
-        return bool(torch.load(run_dir / CHECKPOINT, map_location="cpu", weights_only=False)["epoch"] >= config.epochs)
+        checkpoint = torch.load(run_dir / CHECKPOINT, map_location="cpu", weights_only=False, mmap=True)
+        return bool(checkpoint["epoch"] >= config.epochs)
     except Exception:
         return False
 
