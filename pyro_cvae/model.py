@@ -52,6 +52,10 @@ class Variant:
     def has_recognition_net(self) -> bool:
         return self.objective in ("cvae", "hybrid")
 
+    def importance_samples(self, samples: int) -> int:
+        """S actually drawn: the deterministic baseline has no latent, so one is exact."""
+        return 1 if self.objective == "baseline" else samples
+
 
 VARIANTS: dict[str, Variant] = {
     v.name: v

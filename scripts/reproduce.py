@@ -64,9 +64,9 @@ def run_one(config: dict, run_dir: str, runs_dir: str, data_dir: str | None, eva
         out["train_status"] = result.status
         if result.status == "interrupted":
             raise RuntimeError("training was interrupted; run the same command to resume")
-        deterministic = get_variant(config["variant"]).objective == "baseline"
+        variant = get_variant(config["variant"])
         for ev in evaluations:
-            path = run_dir / eval_file_name(ev["split"], 1 if deterministic else ev["samples"])
+            path = run_dir / eval_file_name(ev["split"], variant.importance_samples(ev["samples"]))
             saved = json.loads(path.read_text()) if path.exists() else {}
             # train() deletes evaluations of weights it changes; the image count must match too
             if saved.get("images") == (ev["limit"] or 10000) and saved.get("epochs") == config["epochs"] and not re_evaluate:
