@@ -93,6 +93,11 @@ VARIANTS: dict[str, Variant] = {
                 baseline="joint", baseline_init="scratch", objective="gsnn"),
         Variant("hybrid", "paper's weighted sum of the CVAE and GSNN objectives; as joint-scratch",
                 baseline="joint", baseline_init="scratch", objective="hybrid"),
+        # beyond the table: the importance-weighted bound (K=10) with doubly reparameterised gradients
+        Variant("joint-scratch-iwae", "as joint-scratch, trained on the IWAE bound (K=10, DReG)", baseline="joint",
+                baseline_init="scratch", elbo=Elbo.iwae, particles=10, guide_gradient=GuideGradient.dreg),
+        Variant("cvae-iwae", "as cvae, trained on the IWAE bound (K=10, DReG)", baseline="frozen",
+                baseline_init="pretrained", elbo=Elbo.iwae, particles=10, guide_gradient=GuideGradient.dreg),
     ]
 }
 

@@ -50,9 +50,17 @@ def test_traces_have_the_paper_sites(name):
     assert not sampled["is_observed"] and sampled["value"].shape == (B, 588)
 
 
-def test_registry_is_the_ten_variants_of_the_design():
+def test_registry_is_the_ten_variants_of_the_design_and_the_importance_weighted_rows():
     assert list(VARIANTS) == ["baseline", "cvae", "no-baseline", "cond-decoder", "cond-decoder-no-baseline",
-                              "unconditioned-prior", "joint-pretrained", "joint-scratch", "gsnn", "hybrid"]
+                              "unconditioned-prior", "joint-pretrained", "joint-scratch", "gsnn", "hybrid",
+                              "joint-scratch-iwae", "cvae-iwae"]
+    for name, like in [("joint-scratch-iwae", "joint-scratch"), ("cvae-iwae", "cvae")]:
+        new, old = VARIANTS[name], VARIANTS[like]
+        assert (new.baseline, new.baseline_init, new.prior, new.conditioned_decoder) == (
+            old.baseline, old.baseline_init, old.prior, old.conditioned_decoder)  # the same model
+        assert TrainConfig(variant=name).elbo == "iwae" and TrainConfig(variant=name).particles == 10
+        assert TrainConfig(variant=name, elbo="meanfield").particles == 1
+    assert TrainConfig(variant="joint-scratch", elbo="iwae").particles == 5
     with pytest.raises(ValueError, match="choose one of"):
         get_variant("cvea")
 
