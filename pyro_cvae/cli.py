@@ -82,14 +82,15 @@ def _threads(threads: int | None) -> None:
     torch.set_num_threads(threads or os.cpu_count() or 1)
 
 
-def _run_dir(run_dir: Path | None, runs_dir: Path | None, variant: VariantName | None, mask: Mask = Mask.random, inputs: int = 1) -> Path:
+def _run_dir(run_dir: Path | None, runs_dir: Path | None, variant: VariantName | None, mask: Mask = Mask.random,
+             inputs: int = 1, seed: int = 0) -> Path:
     from .train import run_name
 
     if run_dir is not None:
         return run_dir
     if variant is None:
         raise ValueError("name a run: --variant NAME (looked up in --runs-dir) or --run-dir DIR.")
-    return (runs_dir or Path("runs")) / run_name(variant.value, mask.value, inputs)
+    return (runs_dir or Path("runs")) / run_name(variant.value, mask.value, inputs, seed)
 
 
 @app.command("data")
@@ -152,7 +153,7 @@ def train_cmd(
                          mask=mask.value, inputs=inputs, limit=limit, hybrid_weight=hybrid_weight,
                          elbo=elbo.value if elbo else None, particles=particles,
                          guide_gradient=guide_gradient.value if guide_gradient else None)
-    result = train(config, run_dir=_run_dir(run_dir, runs_dir, variant, mask, inputs), runs_dir=runs_dir,
+    result = train(config, run_dir=_run_dir(run_dir, runs_dir, variant, mask, inputs, seed), runs_dir=runs_dir,
                    data_dir=data_dir, device=device.value, force=force, log=console.print, progress=progress)
     if result.status == "finished":
         console.print(f"[green]trained[/] {result.run_dir} for {result.epochs_done} epochs "

@@ -109,12 +109,14 @@ class TrainConfig:
         return make_elbo(Elbo(self.elbo), self.particles)
 
 
-def run_name(variant: str, mask: str = "random", inputs: int = 1) -> str:
-    return variant if mask == "random" else f"{variant}-fixed{inputs}"
+def run_name(variant: str, mask: str = "random", inputs: int = 1, seed: int = 0) -> str:
+    """``joint-scratch``, ``cvae-fixed2``; a training seed other than 0 is named: ``joint-scratch-seed1``."""
+    name = variant if mask == "random" else f"{variant}-fixed{inputs}"
+    return name if seed == 0 else f"{name}-seed{seed}"
 
 
 def default_run_dir(runs_dir: str | Path, config: TrainConfig) -> Path:
-    return Path(runs_dir) / run_name(config.variant, config.mask, config.inputs)
+    return Path(runs_dir) / run_name(config.variant, config.mask, config.inputs, config.seed)
 
 
 def require_at_least_one(**options: int | None) -> None:
