@@ -16,9 +16,9 @@ from pathlib import Path
 from typing import Callable
 
 import pyro
-import pyro.poutine as poutine
 import torch
 from pyro.infer import ELBO, RenyiELBO, Trace_ELBO, TraceMeanField_ELBO
+from pyro.poutine.messenger import Messenger
 
 from .atomic import atomic_write, atomic_write_text
 from .data import Batch, epoch_batches, load_split, steps_per_epoch
@@ -166,23 +166,37 @@ def _terms(cvae: CVAE, hybrid_weight: float) -> list[tuple[float, Callable]]:
 
 
 @torch.no_grad()
-def _log_terms(model_trace, guide_trace) -> tuple[torch.Tensor, torch.Tensor]:
+def _log_terms(model: "Draws", guide: "Draws | None") -> tuple[torch.Tensor, torch.Tensor]:
     """log p(y|x,z) and log p(z|x) - log q(z|x,y) of the draws an ELBO used, per particle and image
-    ``(K, B)`` (``(B,)`` with one particle), recomputed from the traces' distributions."""
-    y = model_trace.nodes["y"]
+    ``(K, B)`` (``(B,)`` with one particle), recomputed from the sites' distributions."""
+    y = model.sites["y"]
     log_lik = y["fn"].log_prob(y["value"])
-    if guide_trace is None or "z" not in guide_trace.nodes:  # not asked, no latent (baseline), no recognition net (GSNN)
+    if guide is None or "z" not in guide.sites:  # not asked, no latent (baseline), no recognition net (GSNN)
         return log_lik, torch.zeros_like(log_lik)
-    q, p = guide_trace.nodes["z"], model_trace.nodes["z"]
+    q, p = guide.sites["z"], model.sites["z"]
     return log_lik, p["fn"].log_prob(q["value"]) - q["fn"].log_prob(q["value"])
 
 
+class Draws(Messenger):
+    """Keeps the sample sites (distribution and value) of the last run of the function it wraps
+    (``draws(fn)``): the draws an ELBO used. ``poutine.trace`` would do, but it also copies every parameter site
+    (24 per step here), which costs more than the step's recon and KL are worth."""
+
+    def __init__(self):
+        super().__init__()
+        self.sites: dict[str, dict] = {}
+
+    def _postprocess_message(self, msg) -> None:
+        if msg["type"] == "sample":
+            self.sites[msg["name"]] = msg
+
+
 def _normalized_weights(model, guide) -> Callable[[], torch.Tensor]:
-    """The particles' normalised importance weights ``(K, B)``, read from the traced ``model`` and
-    ``guide`` (``poutine.trace`` handlers) when called: in the backward pass, after the draws."""
+    """The particles' normalised importance weights ``(K, B)``, read from the ``Draws`` of ``model``
+    and ``guide`` when called: in the backward pass, after the draws."""
 
     def weights() -> torch.Tensor:
-        log_lik, log_ratio = _log_terms(model.trace, guide.trace)
+        log_lik, log_ratio = _log_terms(model, guide)
         log_w = log_lik + log_ratio
         return torch.softmax(log_w, 0) if log_w.dim() > 1 else torch.ones_like(log_w)
 
@@ -206,10 +220,12 @@ def objective_backward(cvae: CVAE, batch: Batch, elbo: ELBO, hybrid_weight: floa
     for i, (weight, guide) in enumerate(_terms(cvae, hybrid_weight)):
         if weight == 0:
             continue
-        model, guide = poutine.trace(cvae.model), poutine.trace(guide)  # keep the draws for recon and KL
+        model_draws, guide_draws = Draws(), Draws()  # keep the draws for recon and KL
+        model, guide = model_draws(cvae.model), guide_draws(guide)
         path_gradient = contextlib.nullcontext()
         if guide_gradient != GuideGradient.reparam:
-            path_gradient = GuidePathGradient(_normalized_weights(model, guide) if guide_gradient == GuideGradient.dreg else None)
+            weights = _normalized_weights(model_draws, guide_draws) if guide_gradient == GuideGradient.dreg else None
+            path_gradient = GuidePathGradient(weights)
         with path_gradient:
             if isinstance(elbo, RenyiELBO):
                 earlier = [p.grad for p in params]
@@ -227,7 +243,7 @@ def objective_backward(cvae: CVAE, batch: Batch, elbo: ELBO, hybrid_weight: floa
         loss += weight * term / n
         if i == 0:
             closed_form_kl = isinstance(elbo, TraceMeanField_ELBO)  # then KL = loss - recon, nothing to recompute
-            log_lik, log_ratio = _log_terms(model.trace, None if closed_form_kl else guide.trace)
+            log_lik, log_ratio = _log_terms(model_draws, None if closed_form_kl else guide_draws)
             particles = log_lik.numel() / n
             recon = -log_lik.sum().item() / particles / n
             kl = term / n - recon if closed_form_kl else -log_ratio.sum().item() / particles / n
