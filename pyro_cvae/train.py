@@ -247,6 +247,10 @@ def objective_backward(cvae: CVAE, batch: Batch, elbo: ELBO, hybrid_weight: floa
             particles = log_lik.numel() / n
             recon = -log_lik.sum().item() / particles / n
             kl = term / n - recon if closed_form_kl else -log_ratio.sum().item() / particles / n
+        # DReG's hook on z refers to the draws, which refer to z: a cycle through autograd that
+        # Python's collector cannot see; dropping the draws breaks it (else every step leaks its graph)
+        model_draws.sites.clear()
+        guide_draws.sites.clear()
     return {"loss": loss, "recon": recon, "kl": kl}
 
 
