@@ -193,14 +193,12 @@ def _print_evaluations(results, split: str) -> None:
     measured the same way, if any."""
     from .references import reference_for
 
-    rows, sources = [], set()
+    rows = []
     for r, reused in results:
         ref = reference_for(r.variant, r.mask, r.inputs, split)
-        if ref is not None:
-            sources.add(ref.source)
+        compared = [f"{ref.ncll:.2f}", f"{r.ncll - ref.ncll:+.2f}", ref.source.value] if ref else ["-"] * 3
         rows.append([escape(Path(r.run_dir).name), str(r.epochs), str(r.images), str(r.samples),
-                     f"{r.ncll:.2f} ± {r.ncll_se:.2f}", f"{ref.ncll:.2f}" if ref else "-",
-                     f"{r.ncll - ref.ncll:+.2f}" if ref else "-", ref.source if ref else "-", f"{r.ess_mean:.1f}",
+                     f"{r.ncll:.2f} ± {r.ncll_se:.2f}", *compared, f"{r.ess_mean:.1f}",
                      f"{r.seconds:.1f}" + (" (saved)" if reused else "")])
     columns = [Column("run", whole=True), Column("epochs", justify="right"), Column("images", justify="right"),
                Column("S", justify="right"), Column("NCLL ± SE (nats)", justify="right"),

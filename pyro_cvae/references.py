@@ -8,6 +8,7 @@ fixed-quadrant protocol on test images (for the CVAE a bound, not an importance-
 
 from __future__ import annotations
 
+import enum
 from dataclasses import dataclass
 
 from .model import VARIANTS
@@ -17,19 +18,27 @@ PYRO_TUTORIAL = {("baseline", 1): 100.4, ("baseline", 2): 61.9, ("baseline", 3):
                  ("cvae", 1): 71.8, ("cvae", 2): 51.0, ("cvae", 3): 24.2}  # fixed quadrants, test images
 
 
+class Source(str, enum.Enum):
+    """Who measured a figure (the value is short enough for a table cell)."""
+
+    TABLE = "reference's table"
+    CODE = "reference's code, run here"
+    PYRO_TUTORIAL = "Pyro tutorial (a bound)"
+
+
 @dataclass(frozen=True)
 class Reference:
     ncll: float
-    source: str  # short, for a table cell or a legend
+    source: Source
 
 
 def reference_for(variant: str, mask: str, inputs: int, split: str) -> Reference | None:
     """The outside figure measured like a run of ``variant`` evaluated on ``split``, if any."""
     if mask == "fixed":
         ncll = PYRO_TUTORIAL.get((variant, inputs)) if split == "test" else None
-        return Reference(ncll, "Pyro tutorial (a bound)") if ncll is not None else None
+        return Reference(ncll, Source.PYRO_TUTORIAL) if ncll is not None else None
     if split == "train":
         v = VARIANTS.get(variant)
-        return Reference(v.reference_ncll, "reference's table") if v and v.reference_ncll is not None else None
+        return Reference(v.reference_ncll, Source.TABLE) if v and v.reference_ncll is not None else None
     ncll = REFERENCE_CODE_TEST.get(variant)
-    return Reference(ncll, "reference's code, run here") if ncll is not None else None
+    return Reference(ncll, Source.CODE) if ncll is not None else None
