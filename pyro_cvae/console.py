@@ -37,7 +37,7 @@ def print_table(title: str, columns: list[Column], rows: list[list[str]], out: C
     plain = [[Text.from_markup(cell).plain for cell in row] for row in rows]
     widths = [max([len(c.header)] + [len(row[i]) for row in plain]) for i, c in enumerate(columns)]
     needed = sum(w if c.whole else MIN_WRAPPED_WIDTH for c, w in zip(columns, widths)) + 3 * len(columns) + 1
-    out.print(title, highlight=False)
+    out.print(title, highlight=False, soft_wrap=True)
     if out.is_terminal and needed <= out.width:
         table = Table()
         for column, width in zip(columns, widths):
@@ -49,7 +49,7 @@ def print_table(title: str, columns: list[Column], rows: list[list[str]], out: C
         return
     for row in [[c.header for c in columns], *plain]:
         cells = [cell.rjust(w) if c.justify == "right" else cell.ljust(w) for c, w, cell in zip(columns, widths, row)]
-        out.print("  ".join(cells).rstrip(), markup=False, highlight=False)
+        out.print("  ".join(cells).rstrip(), markup=False, highlight=False, soft_wrap=True)
 
 
 def _clock_text(seconds: float) -> str:
@@ -103,7 +103,7 @@ class Progress:
             self.live.update(self.task, completed=completed, total=self.total, rate=rate, status=status)
         elif milestone or self.clock() - self.printed >= self.every_s:
             self.printed = self.clock()
-            self.out.print(self.line(status), markup=False, highlight=False)
+            self.out.print(self.line(status), markup=False, highlight=False, soft_wrap=True)
 
     def line(self, status: str = "") -> str:
         """The plain progress line: where, how far, status, speed and time left."""

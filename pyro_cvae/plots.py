@@ -56,7 +56,7 @@ def _masks(run_dir: Path) -> tuple[str, int]:
 
 # how each outside figure is drawn beside ours: marker, colour, legend
 REFERENCE_STYLE = {
-    Source.TABLE: ("D", "tab:gray", "reference implementation's table (its training images)"),
+    Source.TABLE: ("D", "tab:purple", "reference implementation's table (its training images)"),
     Source.CODE: ("s", "tab:red", "reference implementation's code, run on this machine"),
     Source.PYRO_TUTORIAL: ("^", "tab:green", "Pyro's CVAE tutorial (fixed quadrants, a bound)"),
 }

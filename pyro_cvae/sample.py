@@ -168,7 +168,6 @@ def sample_grid(
     hidden = evaluation_masks(split_size, config.mask, config.inputs, seed)[:num_images].to(device)
     images = images.to(device)
 
-    pyro.set_rng_seed(seed)
     rows, labels = [images, images], ["input", "truth"]
     runs_dir = Path(runs_dir) if runs_dir is not None else run_dir.parent
     baseline_dir = runs_dir / run_name("baseline", config.mask, config.inputs)
@@ -177,6 +176,7 @@ def sample_grid(
         labels.append(baseline[0])
         rows.append(baseline[1])
     if not cvae.deterministic:
+        pyro.set_rng_seed(seed)  # z draws as in the picture comparing runs
         samples = completions(cvae, images, hidden, num_samples)
         rows.extend(samples)
         labels.extend(f"sample {k + 1}" for k in range(num_samples))
