@@ -14,7 +14,8 @@ from rich.markup import escape
 
 from . import data as data_lib
 from .console import Column, Progress, console, errors, print_table
-from .model import VARIANTS
+from .estimators import GuideGradient
+from .model import VARIANTS, Elbo
 
 app = typer.Typer(
     add_completion=False,
@@ -79,15 +80,15 @@ def _threads(threads: int | None) -> None:
 
 
 def _run_dir(run_dir: Path | None, runs_dir: Path | None, variant: VariantName | None, mask: Mask = Mask.random,
-             inputs: int = 1) -> Path | None:
-    """The run named by --run-dir or --variant (with its masks), or None: no run named."""
+             inputs: int = 1, seed: int = 0) -> Path | None:
+    """The run named by --run-dir or --variant (with its masks and training seed), or None: no run named."""
     from .train import run_name
 
     if run_dir is not None:
         return run_dir
     if variant is None:
         return None
-    return (runs_dir or Path("runs")) / run_name(variant.value, mask.value, inputs)
+    return (runs_dir or Path("runs")) / run_name(variant.value, mask.value, inputs, seed)
 
 
 @app.command("data")
@@ -124,6 +125,9 @@ def train_cmd(
     inputs: Annotated[int, typer.Option(min=1, max=3, help="Visible quadrants with --mask fixed.")] = 1,
     limit: Annotated[Optional[int], typer.Option(min=1, help="Train on the first N images only.")] = None,
     hybrid_weight: Annotated[float, typer.Option(min=0.0, max=1.0, help="Weight of the CVAE term in 'hybrid'.")] = 0.5,
+    elbo: Annotated[Optional[Elbo], typer.Option(help="Training objective: meanfield (TraceMeanField_ELBO, closed-form KL), trace (Trace_ELBO), iwae (RenyiELBO alpha=0). Default: the variant's.")] = None,
+    particles: Annotated[Optional[int], typer.Option(min=1, help="Particles K of the ELBO (default: the variant's; 5 with iwae, else 1).")] = None,
+    guide_gradient: Annotated[Optional[GuideGradient], typer.Option(help="Guide gradient: reparam (Pyro's), stl (sticking the landing; trace or iwae), dreg (doubly reparameterised; iwae). Default: the variant's.")] = None,
     force: Annotated[bool, typer.Option(help="Start over even if the run directory holds a run.")] = False,
     data_dir: DataDir = None,
     runs_dir: Annotated[Optional[Path], typer.Option(help="Folder of run directories (default: runs; with --run-dir, the folder holding it: where the pretrained baseline is found).")] = None,
@@ -139,8 +143,10 @@ def train_cmd(
         raise typer.BadParameter(f"must be a positive number, got {lr}", param_hint="--lr")
     _threads(threads)
     config = TrainConfig(variant=variant.value, epochs=epochs, batch_size=batch_size, lr=lr, seed=seed,
-                         mask=mask.value, inputs=inputs, limit=limit, hybrid_weight=hybrid_weight)
-    result = train(config, run_dir=_run_dir(run_dir, runs_dir, variant, mask, inputs), runs_dir=runs_dir,
+                         mask=mask.value, inputs=inputs, limit=limit, hybrid_weight=hybrid_weight,
+                         elbo=elbo.value if elbo else None, particles=particles,
+                         guide_gradient=guide_gradient.value if guide_gradient else None)
+    result = train(config, run_dir=_run_dir(run_dir, runs_dir, variant, mask, inputs, seed), runs_dir=runs_dir,
                    data_dir=data_dir, device=device.value, force=force, log=console.print, progress=progress)
     if result.status == "finished":
         console.print(f"[green]trained[/] {result.run_dir} for {result.epochs_done} epochs "

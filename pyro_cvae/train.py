@@ -7,6 +7,7 @@ epoch) and, later, evaluation results and pictures.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import time
@@ -15,14 +16,15 @@ from pathlib import Path
 from typing import Callable
 
 import pyro
-import pyro.poutine as poutine
 import torch
-from pyro.distributions.kl import kl_divergence
+from pyro.infer import ELBO, RenyiELBO, Trace_ELBO, TraceMeanField_ELBO
+from pyro.poutine.messenger import Messenger
 
 from .atomic import atomic_write, atomic_write_text
 from .console import Progress, StopOnInterrupt
 from .data import Batch, epoch_batches, load_split, steps_per_epoch
-from .model import CVAE, VARIANTS, get_variant
+from .estimators import GuideGradient, GuidePathGradient
+from .model import CVAE, VARIANTS, Elbo, get_variant
 
 CHECKPOINT = "checkpoint.pt"
 CONFIG = "config.json"
@@ -47,20 +49,41 @@ class TrainConfig:
     inputs: int = 1  # visible quadrants, with mask="fixed"
     limit: int | None = None  # use the first N training images only
     hybrid_weight: float = 0.5  # weight of the CVAE objective in "hybrid" (the GSNN gets 1 - it)
+    elbo: str | None = None  # meanfield, trace or iwae; default: the variant's (meanfield but for *-iwae)
+    particles: int | None = None  # K; default: the variant's with its own ELBO, else 5 for iwae and 1 otherwise
+    guide_gradient: str | None = None  # reparam, stl or dreg (estimators.GuideGradient); default: the variant's
 
     def __post_init__(self) -> None:
         if self.mask == "random":
             self.inputs = 1  # only the fixed protocol has a number of visible quadrants
+        variant = VARIANTS.get(self.variant)
+        if variant is not None:
+            if self.elbo is None:
+                self.elbo = variant.elbo.value
+            if self.guide_gradient is None:
+                self.guide_gradient = variant.guide_gradient.value
+            if self.particles is None:
+                same = self.elbo == variant.elbo.value
+                self.particles = variant.particles if same else 5 if self.elbo == Elbo.iwae.value else 1
 
     def validate(self) -> None:
-        get_variant(self.variant)
-        require_at_least_one(epochs=self.epochs, batch_size=self.batch_size, limit=self.limit)
+        variant = get_variant(self.variant)
+        require_at_least_one(epochs=self.epochs, batch_size=self.batch_size, limit=self.limit, particles=self.particles)
         checks = [
             (self.lr > 0 and math.isfinite(self.lr), f"--lr must be a positive number, got {self.lr}"),
             (self.clip_norm > 0, f"clip norm must be positive, got {self.clip_norm}"),
             (self.mask in ("random", "fixed"), f"--mask must be random or fixed, got {self.mask!r}"),
             (self.inputs in (1, 2, 3), f"--inputs must be 1, 2 or 3 visible quadrants, got {self.inputs}"),
             (0.0 <= self.hybrid_weight <= 1.0, f"--hybrid-weight must lie in [0, 1], got {self.hybrid_weight}"),
+            (self.elbo in {e.value for e in Elbo}, f"--elbo must be one of {', '.join(e.value for e in Elbo)}, got {self.elbo!r}"),
+            (variant.objective != "baseline" or (self.elbo != Elbo.iwae.value and self.particles == 1),
+             "the baseline has no latent variable: --elbo iwae and --particles do not apply to it"),
+            (self.guide_gradient in {g.value for g in GuideGradient},
+             f"--guide-gradient must be one of {', '.join(g.value for g in GuideGradient)}, got {self.guide_gradient!r}"),
+            (self.guide_gradient != GuideGradient.stl.value or self.elbo != Elbo.meanfield.value,
+             "--guide-gradient stl needs a Monte Carlo KL: use it with --elbo trace or iwae"),
+            (self.guide_gradient != GuideGradient.dreg.value or self.elbo == Elbo.iwae.value,
+             "--guide-gradient dreg is for the importance-weighted bound: use it with --elbo iwae"),
         ]
         for ok, message in checks:
             if not ok:
@@ -80,15 +103,21 @@ class TrainConfig:
 
     def baseline(self) -> "TrainConfig":
         """The config of the pretrained baseline this run's variant starts from."""
-        return TrainConfig(**{**asdict(self), "variant": "baseline", "hybrid_weight": 0.5})
+        return TrainConfig(**{**asdict(self), "variant": "baseline", "hybrid_weight": 0.5, "elbo": None, "particles": None,
+                                           "guide_gradient": None})
+
+    def make_elbo(self) -> ELBO:
+        return make_elbo(Elbo(self.elbo), self.particles)
 
 
-def run_name(variant: str, mask: str = "random", inputs: int = 1) -> str:
-    return variant if mask == "random" else f"{variant}-fixed{inputs}"
+def run_name(variant: str, mask: str = "random", inputs: int = 1, seed: int = 0) -> str:
+    """``joint-scratch``, ``cvae-fixed2``; a training seed other than 0 is named: ``joint-scratch-seed1``."""
+    name = variant if mask == "random" else f"{variant}-fixed{inputs}"
+    return name if seed == 0 else f"{name}-seed{seed}"
 
 
 def default_run_dir(runs_dir: str | Path, config: TrainConfig) -> Path:
-    return Path(runs_dir) / run_name(config.variant, config.mask, config.inputs)
+    return Path(runs_dir) / run_name(config.variant, config.mask, config.inputs, config.seed)
 
 
 def require_at_least_one(**options: int | None) -> None:
@@ -109,48 +138,117 @@ def resolve_device(device: str = "auto") -> torch.device:
 
 
 # ---------------------------------------------------------------------------------------------
-# The objective
+# The objective: Pyro's ELBO objects
 
 
-def _log_likelihood(model_trace) -> torch.Tensor:
-    site = model_trace.nodes["y"]
-    return site["fn"].log_prob(site["value"])
+def make_elbo(kind: Elbo, particles: int) -> ELBO:
+    """The Pyro ELBO object of a training objective, K particles vectorised over a plate at dim -2.
+
+    meanfield: ``TraceMeanField_ELBO`` (the closed-form KL: the reference's objective);
+    trace: ``Trace_ELBO`` (Monte Carlo KL); iwae: ``RenyiELBO(alpha=0)``, the importance-weighted
+    bound log (1/K) sum_k p(y, z_k|x) / q(z_k|x,y), per image (the data plate is kept)."""
+    options = dict(num_particles=particles, vectorize_particles=particles > 1, max_plate_nesting=1)
+    if kind == Elbo.iwae:
+        return RenyiELBO(alpha=0.0, **options)
+    return (TraceMeanField_ELBO if kind == Elbo.meanfield else Trace_ELBO)(**options)
 
 
-def elbo_terms(cvae: CVAE, batch: Batch, guide: Callable | None) -> tuple[torch.Tensor, torch.Tensor]:
-    """(reconstruction, KL), each summed over the batch, from one draw of z.
-
-    With a guide: the guide's trace is replayed in the model, reconstruction is -log p(y|x,z)
-    and KL(q(z|x,y) || p(z|x)) is analytic (``TraceMeanField_ELBO``, as the reference computes it;
-    a test checks the two agree). Without one, z comes from the model's own prior (the GSNN
-    objective: reparameterised, no KL); a model with no latent gives the baseline's BCE."""
-    args = (batch.x, batch.y, batch.hidden)
-    if guide is None:
-        model_trace = poutine.trace(cvae.model).get_trace(*args)
-        return -_log_likelihood(model_trace).sum(), batch.x.new_zeros(())
-    guide_trace = poutine.trace(guide).get_trace(*args)
-    model_trace = poutine.trace(poutine.replay(cvae.model, trace=guide_trace)).get_trace(*args)
-    kl = kl_divergence(guide_trace.nodes["z"]["fn"], model_trace.nodes["z"]["fn"])
-    return -_log_likelihood(model_trace).sum(), kl.sum()
-
-
-def objective(cvae: CVAE, batch: Batch, hybrid_weight: float = 0.5) -> dict[str, torch.Tensor]:
-    """The variant's loss for one batch, per image: ``loss``, ``recon`` and ``kl`` (scalars)."""
-    n = batch.x.shape[0]
+def _terms(cvae: CVAE, hybrid_weight: float) -> list[tuple[float, Callable]]:
+    """The variant's objective as (weight, guide) pairs, each an ELBO of ``cvae.model``: the CVAE
+    (the recognition net as guide), the GSNN (the prior as guide: log p(z|x) - log q(z) cancels,
+    leaving E_prior[log p(y|x,z)]), their weighted sum (hybrid), or the baseline (no latent: the
+    guide samples nothing and the ELBO is log p(y|x), minus the BCE)."""
     kind = cvae.variant.objective
-    if kind in ("baseline", "gsnn"):
-        recon, kl = elbo_terms(cvae, batch, guide=None)
-        loss = recon
-    elif kind == "cvae":
-        recon, kl = elbo_terms(cvae, batch, guide=cvae.guide)
-        loss = recon + kl
-    elif kind == "hybrid":
-        recon, kl = elbo_terms(cvae, batch, guide=cvae.guide)
-        gsnn_recon, _ = elbo_terms(cvae, batch, guide=None)
-        loss = hybrid_weight * (recon + kl) + (1 - hybrid_weight) * gsnn_recon
-    else:
-        raise ValueError(f"unknown objective {kind!r}")
-    return {"loss": loss / n, "recon": recon / n, "kl": kl / n}
+    if kind == "gsnn":
+        return [(1.0, cvae.prior_guide)]
+    if kind == "hybrid":
+        return [(hybrid_weight, cvae.guide), (1.0 - hybrid_weight, cvae.prior_guide)]
+    return [(1.0, cvae.guide)]  # cvae, and baseline (whose guide is empty)
+
+
+@torch.no_grad()
+def _log_terms(model: "Draws", guide: "Draws | None") -> tuple[torch.Tensor, torch.Tensor]:
+    """log p(y|x,z) and log p(z|x) - log q(z|x,y) of the draws an ELBO used, per particle and image
+    ``(K, B)`` (``(B,)`` with one particle), recomputed from the sites' distributions."""
+    y = model.sites["y"]
+    log_lik = y["fn"].log_prob(y["value"])
+    if guide is None or "z" not in guide.sites:  # not asked, no latent (baseline), no recognition net (GSNN)
+        return log_lik, torch.zeros_like(log_lik)
+    q, p = guide.sites["z"], model.sites["z"]
+    return log_lik, p["fn"].log_prob(q["value"]) - q["fn"].log_prob(q["value"])
+
+
+class Draws(Messenger):
+    """Keeps the sample sites (distribution and value) of the last run of the function it wraps
+    (``draws(fn)``): the draws an ELBO used. ``poutine.trace`` would do, but it also copies every parameter site
+    (24 per step here), which costs more than the step's recon and KL are worth."""
+
+    def __init__(self):
+        super().__init__()
+        self.sites: dict[str, dict] = {}
+
+    def _postprocess_message(self, msg) -> None:
+        if msg["type"] == "sample":
+            self.sites[msg["name"]] = msg
+
+
+def _normalized_weights(model, guide) -> Callable[[], torch.Tensor]:
+    """The particles' normalised importance weights ``(K, B)``, read from the ``Draws`` of ``model``
+    and ``guide`` when called: in the backward pass, after the draws."""
+
+    def weights() -> torch.Tensor:
+        log_lik, log_ratio = _log_terms(model, guide)
+        log_w = log_lik + log_ratio
+        return torch.softmax(log_w, 0) if log_w.dim() > 1 else torch.ones_like(log_w)
+
+    return weights
+
+
+def objective_backward(cvae: CVAE, batch: Batch, elbo: ELBO, hybrid_weight: float = 0.5,
+                       guide_gradient: GuideGradient = GuideGradient.reparam) -> dict[str, float]:
+    """Accumulate into ``.grad`` the gradient of the variant's loss, a mean over the batch's images,
+    through the Pyro ELBO object ``elbo``; returns its terms per image: ``loss``, ``recon``, ``kl``.
+
+    ``differentiable_loss`` gives the loss of ``Trace_ELBO``/``TraceMeanField_ELBO`` as a tensor;
+    ``RenyiELBO`` has none, and its ``loss_and_grads`` runs the backward pass itself, on the sum
+    over images, so its gradient is scaled afterwards. recon and KL come from the traces of the
+    first term's draws (for meanfield, KL is the closed form: loss - recon). ``guide_gradient``
+    stl or dreg wraps the ELBO call in ``GuidePathGradient``."""
+    args = (batch.x, batch.y, batch.hidden)
+    n = batch.x.shape[0]
+    params = cvae.trainable_parameters()
+    loss, recon, kl = 0.0, 0.0, 0.0
+    for i, (weight, guide) in enumerate(_terms(cvae, hybrid_weight)):
+        if weight == 0:
+            continue
+        model_draws, guide_draws = Draws(), Draws()  # keep the draws for recon and KL
+        model, guide = model_draws(cvae.model), guide_draws(guide)
+        path_gradient = contextlib.nullcontext()
+        if guide_gradient != GuideGradient.reparam:
+            weights = _normalized_weights(model_draws, guide_draws) if guide_gradient == GuideGradient.dreg else None
+            path_gradient = GuidePathGradient(weights)
+        with path_gradient:
+            if isinstance(elbo, RenyiELBO):
+                earlier = [p.grad for p in params]
+                for p in params:
+                    p.grad = None
+                term = elbo.loss_and_grads(model, guide, *args)
+                torch._foreach_mul_([p.grad for p in params if p.grad is not None], weight / n)
+                for p, g in zip(params, earlier):
+                    if g is not None:
+                        p.grad = g if p.grad is None else p.grad.add_(g)
+            else:
+                term_tensor = elbo.differentiable_loss(model, guide, *args)
+                (term_tensor * (weight / n)).backward()
+                term = term_tensor.item()
+        loss += weight * term / n
+        if i == 0:
+            closed_form_kl = isinstance(elbo, TraceMeanField_ELBO)  # then KL = loss - recon, nothing to recompute
+            log_lik, log_ratio = _log_terms(model_draws, None if closed_form_kl else guide_draws)
+            particles = log_lik.numel() / n
+            recon = -log_lik.sum().item() / particles / n
+            kl = term / n - recon if closed_form_kl else -log_ratio.sum().item() / particles / n
+    return {"loss": loss, "recon": recon, "kl": kl}
 
 
 def make_optimizer(cvae: CVAE, lr: float) -> torch.optim.Adam:
@@ -160,15 +258,17 @@ def make_optimizer(cvae: CVAE, lr: float) -> torch.optim.Adam:
     return torch.optim.Adam(cvae.trainable_parameters(), lr=lr, fused=True)
 
 
-def train_step(cvae: CVAE, batch: Batch, optimizer: torch.optim.Optimizer, config: "TrainConfig") -> dict[str, float]:
+def train_step(cvae: CVAE, batch: Batch, optimizer: torch.optim.Optimizer, config: "TrainConfig",
+               elbo: ELBO | None = None) -> dict[str, float]:
     """One optimisation step on the per-image mean loss; returns its terms. A non-finite loss
-    leaves the parameters untouched (the caller stops the run)."""
-    terms = objective(cvae, batch, config.hybrid_weight)
+    leaves the parameters untouched (the caller stops the run). ``elbo``: the run's ELBO object
+    (``config.make_elbo()``; built once by the loop, here when not given)."""
     optimizer.zero_grad(set_to_none=True)
-    terms["loss"].backward()
+    with pyro.validation_enabled(False):  # argument checks cost time, and NaN is caught below
+        values = objective_backward(cvae, batch, elbo or config.make_elbo(), config.hybrid_weight,
+                                    GuideGradient(config.guide_gradient))
     params = [p for group in optimizer.param_groups for p in group["params"]]
     torch.nn.utils.clip_grad_norm_(params, config.clip_norm, foreach=True)
-    values = {k: v.item() for k, v in terms.items()}
     if math.isfinite(values["loss"]):
         optimizer.step()
     return values
@@ -361,6 +461,7 @@ def train(
     if pretrained is not None:
         cvae.baseline_net.load_state_dict(pretrained)
     optimizer = make_optimizer(cvae, config.lr)
+    elbo = config.make_elbo()
     epoch, start_batch, step = 0, 0, 0
     if checkpoint is not None:
         cvae.load_state_dict(checkpoint["model"])
@@ -397,7 +498,7 @@ def train(
                 batch_index = start_batch
                 for batch in epoch_batches(images, config.batch_size, epoch, config.seed, config.mask, config.inputs,
                                            start=start_batch):
-                    values = train_step(cvae, batch, optimizer, config)
+                    values = train_step(cvae, batch, optimizer, config, elbo)
                     if not math.isfinite(values["loss"]):
                         raise _Diverged(step, epoch, values["loss"])
                     step += 1
@@ -416,7 +517,8 @@ def train(
                     continue
                 seconds = time.perf_counter() - epoch_start
                 record = {"epoch": epoch, "step": step, **{k: v / count for k, v in sums.items()},
-                          "seconds": round(seconds, 2), "steps_per_s": round(count / max(seconds, 1e-9), 2)}
+                          "seconds": round(seconds, 2), "steps_per_s": round(count / max(seconds, 1e-9), 2),
+                          "elbo": config.elbo, "particles": config.particles, "guide_gradient": config.guide_gradient}
                 with open(run_dir / METRICS, "a") as f:
                     f.write(json.dumps(record) + "\n")
                 bar.update(step, _progress_status(epoch - 1, config.epochs, sums, count, done=True), milestone=True)
