@@ -10,11 +10,10 @@ from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
-from rich.console import Console
 from rich.markup import escape
-from rich.table import Table
 
 from . import data as data_lib
+from .console import Column, Progress, console, errors, print_table
 from .estimators import GuideGradient
 from .model import VARIANTS, Elbo
 
@@ -23,8 +22,6 @@ app = typer.Typer(
     no_args_is_help=True,
     help="Conditional VAE (Sohn, Lee & Yan 2015) in Pyro: predict hidden MNIST quadrants, measure NCLL.",
 )
-console = Console()
-errors = Console(stderr=True)
 
 VariantName = enum.Enum("VariantName", {name: name for name in VARIANTS}, type=str)
 
@@ -70,7 +67,7 @@ def _friendly(fn):
         try:
             return fn(*args, **kwargs)
         except (DataError, RunError, ValueError, OSError) as e:
-            errors.print(f"[bold red]error:[/] {escape(str(e))}", highlight=False, soft_wrap=True)
+            errors.print(f"[bold red]error:[/] {escape(str(e))}", highlight=False)
             raise typer.Exit(1) from None
 
     return wrapper
@@ -83,13 +80,14 @@ def _threads(threads: int | None) -> None:
 
 
 def _run_dir(run_dir: Path | None, runs_dir: Path | None, variant: VariantName | None, mask: Mask = Mask.random,
-             inputs: int = 1, seed: int = 0) -> Path:
+             inputs: int = 1, seed: int = 0) -> Path | None:
+    """The run named by --run-dir or --variant (with its masks and training seed), or None: no run named."""
     from .train import run_name
 
     if run_dir is not None:
         return run_dir
     if variant is None:
-        raise ValueError("name a run: --variant NAME (looked up in --runs-dir) or --run-dir DIR.")
+        return None
     return (runs_dir or Path("runs")) / run_name(variant.value, mask.value, inputs, seed)
 
 
@@ -98,12 +96,9 @@ def _run_dir(run_dir: Path | None, runs_dir: Path | None, variant: VariantName |
 def data_cmd(data_dir: DataDir = None) -> None:
     """Find and verify MNIST (checksums of the uncompressed files); print what was found."""
     statuses = data_lib.check(data_dir)
-    table = Table(title=f"MNIST in {data_lib.resolve_data_dir(data_dir)}")
-    for col in ("file", "items", "md5", "path"):
-        table.add_column(col)
-    for s in statuses:
-        table.add_row(s.stem, str(s.count), f"[green]OK[/] ({s.checksum})", str(s.path))
-    console.print(table)
+    print_table(f"MNIST in {escape(str(data_lib.resolve_data_dir(data_dir)))}",
+                [Column("file", whole=True), Column("items", justify="right"), Column("md5"), Column("path", whole=True)],
+                [[s.stem, str(s.count), f"[green]OK[/] ({s.checksum})", escape(str(s.path))] for s in statuses])
     counts = {s.stem: s.count for s in statuses}
     console.print(f"train: {counts['train-images-idx3-ubyte']} images, test: {counts['t10k-images-idx3-ubyte']} images")
 
@@ -111,13 +106,11 @@ def data_cmd(data_dir: DataDir = None) -> None:
 @app.command("variants")
 def variants_cmd() -> None:
     """List the variants: what each changes, and the reference implementation's NCLL."""
-    table = Table(title="Variants")
-    for col in ("variant", "what changes", "reference config", "reference NCLL"):
-        table.add_column(col)
-    for v in VARIANTS.values():
-        ref = f"{v.reference_ncll:.3f}" if v.reference_ncll is not None else "-"
-        table.add_row(v.name, v.summary, v.reference_config or "(paper)", ref)
-    console.print(table)
+    columns = [Column("variant", whole=True), Column("what changes"), Column("reference config", whole=True),
+               Column("reference NCLL (train)", justify="right")]
+    rows = [[v.name, escape(v.summary), v.reference_config or "(paper)",
+             f"{v.reference_ncll:.3f}" if v.reference_ncll is not None else "-"] for v in VARIANTS.values()]
+    print_table("Variants", columns, rows)
 
 
 @app.command("train")
@@ -173,28 +166,51 @@ def evaluate_cmd(
     limit: Annotated[Optional[int], typer.Option(min=1, help="Evaluate the first N images only.")] = None,
     batch_size: Annotated[int, typer.Option(min=1, help="Images per chunk; with S particles each, 5,000 rows fit the CPU cache best.")] = 50,
     seed: Annotated[int, typer.Option(help="Seed of the evaluation masks and of the z draws.")] = 0,
+    force: Annotated[bool, typer.Option(help="With no run named: evaluate again runs whose saved evaluation is current.")] = False,
     mask: RunMask = Mask.random,
     inputs: RunInputs = 1,
     data_dir: DataDir = None,
     device: DeviceOpt = Device.auto,
     threads: Threads = None,
 ) -> None:
-    """NCLL of a trained run by importance sampling; printed and saved to the run directory."""
-    from .evaluate import evaluate_run
+    """NCLL of a trained run by importance sampling, printed and saved in the run directory; with
+    no run named, of every trained run in RUNS_DIR, in one table."""
+    from .evaluate import evaluate_run, evaluate_runs
 
     _threads(threads)
     target = _run_dir(run_dir, runs_dir, variant, mask, inputs)
-    with console.status(f"evaluating {target} on {split.value} with S={samples}"):
-        r = evaluate_run(target, samples=samples, split=split.value, limit=limit, batch_size=batch_size, seed=seed,
-                         data_dir=data_dir, device=device.value, log=console.print)
-    table = Table(title=f"NCLL of {r.variant} ({target})")
-    for col in ("split", "images", "S", "NCLL (nats)", "± SE", "mean ESS", "epochs", "seconds"):
-        table.add_column(col, justify="right")
-    table.add_row(r.split, str(r.images), str(r.samples), f"{r.ncll:.3f}", f"{r.ncll_se:.3f}",
-                  f"{r.ess_mean:.1f}", str(r.epochs), f"{r.seconds:.1f}")
-    console.print(table)
-    console.print(f"masks: {r.mask}{'' if r.mask == 'random' else f' ({r.inputs} visible)'}, seed {r.seed}; "
-                  f"proposal: {r.proposal}; saved {target / r.path_name}")
+    options = dict(samples=samples, split=split.value, limit=limit, batch_size=batch_size, seed=seed, data_dir=data_dir,
+                   device=device.value, log=console.print)
+    with Progress(target.name if target else "evaluating", total=0, unit="images", transient=True) as bar:
+        if target is not None:
+            results = [(evaluate_run(target, **options, progress=lambda done, total: bar.update(done, total=total)), False)]
+        else:
+            results = evaluate_runs(runs_dir, force=force, **options,
+                                    progress=lambda done, total, name: bar.update(done, name, total=total))
+    _print_evaluations(results, split.value)
+    if target is not None:
+        r = results[0][0]
+        console.print(f"masks: {r.mask}{'' if r.mask == 'random' else f' ({r.inputs} visible)'}, seed {r.seed}; "
+                      f"proposal: {r.proposal}; saved {escape(str(target / r.path_name))}", highlight=False)
+
+
+def _print_evaluations(results, split: str) -> None:
+    """One table of evaluations (and whether each was a saved one), each beside the outside figure
+    measured the same way, if any."""
+    from .references import reference_for
+
+    rows = []
+    for r, reused in results:
+        ref = reference_for(r.variant, r.mask, r.inputs, split)
+        compared = [f"{ref.ncll:.2f}", f"{r.ncll - ref.ncll:+.2f}", ref.source.value] if ref else ["-"] * 3
+        rows.append([escape(Path(r.run_dir).name), str(r.epochs), str(r.images), str(r.samples),
+                     f"{r.ncll:.2f} ± {r.ncll_se:.2f}", *compared, f"{r.ess_mean:.1f}",
+                     f"{r.seconds:.1f}" + (" (saved)" if reused else "")])
+    columns = [Column("run", whole=True), Column("epochs", justify="right"), Column("images", justify="right"),
+               Column("S", justify="right"), Column("NCLL ± SE (nats)", justify="right"),
+               Column("reference", justify="right"), Column("− reference", justify="right"), Column("reference from"),
+               Column("ESS", justify="right"), Column("seconds", justify="right")]
+    print_table(f"NCLL of the hidden pixels, {split} images (lower is better)", columns, rows)
 
 
 @app.command("sample")
@@ -204,25 +220,29 @@ def sample_cmd(
     run_dir: RunDir = None,
     runs_dir: RunsDir = Path("runs"),
     num_images: Annotated[int, typer.Option(min=1, help="Images, one column each: the first N of the split.")] = 10,
-    num_samples: Annotated[int, typer.Option(min=1, help="CVAE completions per image, one row each.")] = 10,
+    num_samples: Annotated[Optional[int], typer.Option(min=1, help="CVAE completions per image, one row each (default: 10 for one run, 3 per run when comparing).")] = None,
     split: Annotated[Split, typer.Option(help="Images to complete.")] = Split.test,
     seed: Annotated[int, typer.Option(help="Seed of the masks (as evaluate draws them) and of the z draws.")] = 0,
-    out: Annotated[Optional[Path], typer.Option(help="PNG to write (default: RUN_DIR/samples-SPLIT.png).")] = None,
+    out: Annotated[Optional[Path], typer.Option(help="PNG to write (default: RUN_DIR/samples-SPLIT.png, or RUNS_DIR/samples-SPLIT.png comparing every run).")] = None,
     mask: RunMask = Mask.random,
     inputs: RunInputs = 1,
     data_dir: DataDir = None,
     device: DeviceOpt = Device.auto,
     threads: Threads = None,
 ) -> None:
-    """A PNG grid of a trained run: input | truth | baseline | CVAE samples, a column per image."""
-    from .sample import sample_grid
+    """A PNG grid of a trained run: input | truth | baseline | CVAE samples, a column per image;
+    with no run named, one picture comparing every trained run in RUNS_DIR on the same digits."""
+    from .sample import compare_runs, sample_grid
 
     _threads(threads)
     target = _run_dir(run_dir, runs_dir, variant, mask, inputs)
-    # the baseline row, for a run without a baseline net, comes from a finished baseline run beside it
-    path = sample_grid(target, num_images=num_images, num_samples=num_samples, split=split.value, seed=seed, out=out,
-                       data_dir=data_dir, device=device.value)
-    console.print(f"wrote {path}")
+    options = dict(num_images=num_images, split=split.value, seed=seed, out=out, data_dir=data_dir, device=device.value)
+    if target is None:
+        paths = compare_runs(runs_dir, num_samples=num_samples or 3, **options)
+    else:  # the baseline row, for a run without a baseline net, comes from a finished baseline run beside it
+        paths = [sample_grid(target, num_samples=num_samples or 10, **options)]
+    for path in paths:
+        console.print(f"wrote {escape(str(path))}", highlight=False)
 
 
 @app.command("plot")
@@ -234,7 +254,7 @@ def plot_cmd(
     """Training curves of every run in RUNS_DIR and, where evaluated, test NCLL beside the reference's."""
     from .plots import plot_runs
 
-    console.print(f"wrote {plot_runs(runs_dir, out)}")
+    console.print(f"wrote {escape(str(plot_runs(runs_dir, out)))}", highlight=False)
 
 
 def main() -> None:  # pragma: no cover

@@ -21,6 +21,7 @@ from pyro.infer import ELBO, RenyiELBO, Trace_ELBO, TraceMeanField_ELBO
 from pyro.poutine.messenger import Messenger
 
 from .atomic import atomic_write, atomic_write_text
+from .console import Progress, StopOnInterrupt
 from .data import Batch, epoch_batches, load_split, steps_per_epoch
 from .estimators import GuideGradient, GuidePathGradient
 from .model import CVAE, VARIANTS, Elbo, get_variant
@@ -331,14 +332,47 @@ def read_metrics(run_dir: Path) -> list[dict]:
     return [by_epoch[e] for e in sorted(by_epoch)]
 
 
+def epochs_trained(run_dir: Path) -> int:
+    """Epochs completed by the run's checkpoint (0 without a readable one)."""
+    try:
+        checkpoint = torch.load(Path(run_dir) / CHECKPOINT, map_location="cpu", weights_only=False, mmap=True)
+        return int(checkpoint["epoch"])
+    except Exception:
+        return 0
+
+
 def is_finished(run_dir: Path) -> bool:
     """Whether the run directory holds a run trained for all the epochs of its config."""
     try:
         config = TrainConfig.from_json(run_dir / CONFIG)
-        checkpoint = torch.load(run_dir / CHECKPOINT, map_location="cpu", weights_only=False, mmap=True)
-        return bool(checkpoint["epoch"] >= config.epochs)
-    except Exception:
+    except RunError:
         return False
+    return epochs_trained(run_dir) >= config.epochs
+
+
+def trained_runs(runs_dir: str | Path) -> list[tuple[Path, TrainConfig]]:
+    """The runs in ``runs_dir`` with at least one epoch trained, and their configs, in the order
+    of the variant registry (then by name)."""
+    runs_dir = Path(runs_dir)
+    found = []
+    for run_dir in sorted(runs_dir.iterdir()) if runs_dir.is_dir() else []:
+        if (run_dir / CONFIG).is_file() and epochs_trained(run_dir) > 0:
+            try:
+                found.append((run_dir, TrainConfig.from_json(run_dir / CONFIG)))
+            except RunError:
+                continue
+    order = list(VARIANTS)
+    return sorted(found, key=lambda run: (order.index(run[1].variant) if run[1].variant in order else len(order),
+                                          run[0].name))
+
+
+def require_trained_runs(runs_dir: str | Path) -> list[tuple[Path, TrainConfig]]:
+    """``trained_runs``, or a RunError that says how to train one."""
+    runs = trained_runs(runs_dir)
+    if not runs:
+        raise RunError(f"no trained run in {runs_dir}; train one with: pyro-cvae train --variant joint-scratch "
+                       f"--runs-dir {runs_dir} (or point --runs-dir at the folder that holds your runs).")
+    return runs
 
 
 # ---------------------------------------------------------------------------------------------
@@ -457,7 +491,7 @@ def train(
     started = time.perf_counter()
     status = "finished"
     batch_index = start_batch
-    with _Progress(progress, f"{run_dir.name}", total, step) as bar, _StopOnInterrupt() as stop:
+    with Progress(run_dir.name, total, step, enabled=progress) as bar, StopOnInterrupt() as stop:
         try:
             while epoch < config.epochs:
                 sums = {"loss": 0.0, "recon": 0.0, "kl": 0.0}
@@ -476,7 +510,8 @@ def train(
                     count += 1
                     for k in sums:
                         sums[k] += values[k]
-                    bar.advance(step, epoch, {k: v / count for k, v in sums.items()})
+                    if step % 25 == 0:  # one update in 25 steps is plenty for a display
+                        bar.update(step, _progress_status(epoch, config.epochs, sums, count))
                     if stop.requested and batch_index < per_epoch:
                         raise _Stop
                 epoch += 1
@@ -490,6 +525,7 @@ def train(
                           "elbo": config.elbo, "particles": config.particles, "guide_gradient": config.guide_gradient}
                 with open(run_dir / METRICS, "a") as f:
                     f.write(json.dumps(record) + "\n")
+                bar.update(step, _progress_status(epoch - 1, config.epochs, sums, count, done=True), milestone=True)
                 if not progress:
                     log(f"epoch {epoch}/{config.epochs}: loss {record['loss']:.3f} "
                         f"(recon {record['recon']:.3f}, kl {record['kl']:.3f}), {record['steps_per_s']:.1f} steps/s")
@@ -508,33 +544,6 @@ def train(
     return TrainResult(run_dir, epoch, step, time.perf_counter() - started, status)
 
 
-class _StopOnInterrupt:
-    """The first Ctrl-C (SIGINT) asks the loop to stop after the current step, which saves a
-    consistent checkpoint; a second one interrupts at once, leaving the last epoch's checkpoint."""
-
-    def __enter__(self):
-        import signal
-        import threading
-
-        self.requested = False
-        self.previous = None
-        if threading.current_thread() is threading.main_thread():
-            self.previous = signal.signal(signal.SIGINT, self._handle)
-        return self
-
-    def _handle(self, signum, frame):
-        if self.requested:
-            raise KeyboardInterrupt
-        self.requested = True
-
-    def __exit__(self, *exc):
-        import signal
-
-        if self.previous is not None:
-            signal.signal(signal.SIGINT, self.previous)
-        return False
-
-
 class _Stop(Exception):
     pass
 
@@ -544,36 +553,7 @@ class _Diverged(Exception):
         self.step, self.epoch, self.value = step, epoch, value
 
 
-class _Progress:
-    """A rich progress bar with the running loss terms; silent when disabled."""
-
-    def __init__(self, enabled: bool, name: str, total: int, completed: int):
-        self.enabled, self.name, self.total, self.completed = enabled, name, total, completed
-
-    def __enter__(self):
-        if self.enabled:
-            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
-
-            self.progress = Progress(
-                TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
-                TextColumn("{task.fields[rate]:.0f} steps/s"), TimeElapsedColumn(), TimeRemainingColumn(),
-                TextColumn("{task.fields[terms]}"), refresh_per_second=4,
-            )
-            self.progress.__enter__()
-            self.task = self.progress.add_task(self.name, total=self.total, completed=self.completed, rate=0.0, terms="")
-            self.last = (time.perf_counter(), self.completed)
-        return self
-
-    def advance(self, step: int, epoch: int, means: dict[str, float]) -> None:
-        if not self.enabled or (step % 25 and step != self.total):
-            return
-        now = time.perf_counter()
-        rate = (step - self.last[1]) / max(now - self.last[0], 1e-9)
-        self.last = (now, step)
-        terms = f"epoch {epoch + 1} loss {means['loss']:.2f} recon {means['recon']:.2f} kl {means['kl']:.2f}"
-        self.progress.update(self.task, completed=step, rate=rate, terms=terms)
-
-    def __exit__(self, *exc):
-        if self.enabled:
-            self.progress.__exit__(*exc)
-        return False
+def _progress_status(epoch: int, epochs: int, sums: dict[str, float], count: int, done: bool = False) -> str:
+    """Where training is, for the progress display: the epoch (0-based) and its mean loss terms so far."""
+    terms = " ".join(f"{k} {v / max(count, 1):.2f}" for k, v in sums.items())
+    return f"epoch {epoch + 1}/{epochs}{' done' if done else ''}, {terms}"

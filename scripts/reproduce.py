@@ -29,19 +29,14 @@ import traceback
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from pathlib import Path
 
-from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
 from pyro_cvae.atomic import atomic_write_text
+from pyro_cvae.console import Progress, console
 from pyro_cvae.evaluate import eval_file_name
 from pyro_cvae.model import VARIANTS, get_variant
+from pyro_cvae.references import PYRO_TUTORIAL
 from pyro_cvae.train import TrainConfig, default_run_dir, is_finished, read_metrics
 
-console = Console()
 # longest first, so that two workers finish close together; the baseline first, others depend on it
-# Pyro's CVAE tutorial, fixed quadrants (an ELBO-style bound, not an importance-sampled NCLL)
-PYRO_TUTORIAL = {("baseline", 1): 100.4, ("baseline", 2): 61.9, ("baseline", 3): 25.4,
-                 ("cvae", 1): 71.8, ("cvae", 2): 51.0, ("cvae", 3): 24.2}
 ORDER = ["baseline", "joint-scratch-iwae", "cvae-iwae", "hybrid", "joint-scratch", "joint-pretrained", "gsnn", "cvae",
          "cond-decoder", "cond-decoder-no-baseline", "no-baseline", "unconditioned-prior"]
 
@@ -199,35 +194,39 @@ def main(argv: list[str] | None = None) -> int:
     started = time.perf_counter()
     results: dict[str, dict] = {}
     pending = list(runs)
-    with Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
-                  TextColumn("{task.fields[state]}"), TimeElapsedColumn(), console=console) as progress:
-        overall = progress.add_task("all runs", total=len(runs), state="")
-        tasks = {name: progress.add_task(name, total=cfg.epochs, completed=_epochs_done(rd), state="waiting")
-                 for name, cfg, rd, _ in runs}
+    running: dict = {}  # future -> run name
+
+    def status() -> str:
+        epochs = ", ".join(f"{name} epoch {_epochs_done(rd)}/{cfg.epochs}" for name, cfg, rd, _ in runs
+                           if name in running.values())
+        return f"{len(results)}/{len(runs)} runs done" + (f"; running {epochs}" if epochs else "")
+
+    def epochs_done() -> int:
+        return sum(min(_epochs_done(rd), cfg.epochs) for _, cfg, rd, _ in runs)
+
+    # a live bar on a terminal; in a log, a line every minute and one per run finished
+    with Progress("reproduce", total=sum(cfg.epochs for _, cfg, _, _ in runs), completed=epochs_done(),
+                  unit="epochs") as progress:
         with ProcessPoolExecutor(max_workers=args.jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
-            futures = {}
-            while pending or futures:
+            while pending or running:
                 done_dirs = {Path(r["run_dir"]) for r in results.values() if "error" not in r}
                 for item in list(pending):
                     name, cfg, rd, dep = item
-                    if len(futures) >= args.jobs:
+                    if len(running) >= args.jobs:
                         break
                     if dep is None or dep in done_dirs or is_finished(dep):
                         pending.remove(item)
                         fut = pool.submit(run_one, cfg.__dict__, str(rd), str(args.runs_dir), args.data_dir,
                                           evaluations, args.threads, args.re_evaluate)
-                        futures[fut] = name
-                        progress.update(tasks[name], state="running")
-                finished, _ = wait(list(futures), timeout=5, return_when=FIRST_COMPLETED)
+                        running[fut] = name
+                finished, _ = wait(list(running), timeout=5, return_when=FIRST_COMPLETED)
                 for fut in finished:
-                    name = futures.pop(fut)
+                    name = running.pop(fut)
                     results[name] = fut.result()
-                    state = "[red]" + results[name]["error"][:60] if "error" in results[name] else "[green]done"
-                    progress.update(tasks[name], state=state)
-                    progress.advance(overall)
-                for name, _, rd, _ in runs:
-                    progress.update(tasks[name], completed=_epochs_done(rd))
-                if not futures and pending and not finished:
+                    error = results[name].get("error")
+                    console.print(f"{name}: {'failed: ' + error if error else 'done'}", markup=False, highlight=False)
+                progress.update(epochs_done(), status(), milestone=bool(finished))
+                if not running and pending and not finished:
                     # nothing runs and nothing can start: a dependency failed
                     for name, *_ in pending:
                         results[name] = {"run_dir": "", "error": "its pretrained baseline failed", "evaluations": []}
@@ -247,7 +246,7 @@ def main(argv: list[str] | None = None) -> int:
                      "ms_per_step": 1000 * seconds / max(steps, 1), **({"error": r["error"]} if "error" in r else {})})
     out = args.out or ("results" if args.mask == "random" else "results-fixed")
     path = write_results(rows, args.runs_dir, out, command, wall, fixed=args.mask == "fixed")
-    console.print(path.read_text())
+    console.print(path.read_text(), markup=False, highlight=False)
     console.print(f"wrote {path} and {path.with_suffix('.json')} in {wall / 60:.1f} min")
     return 1 if any("error" in r for r in rows) else 0
 

@@ -1,4 +1,5 @@
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -13,6 +14,10 @@ def test_reproduce_trains_evaluates_and_writes_the_table(tmp_path, mnist_dir):
            "--jobs", "2", "--runs-dir", str(runs), "--data-dir", str(mnist_dir)]
     first = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert first.returncode == 0, first.stdout + first.stderr
+    # its output is a pipe: a plain line per run finished and a progress line, no bar
+    assert {"baseline: done", "cvae: done", "unconditioned-prior: done"} <= set(first.stdout.splitlines())
+    assert re.search(r"^reproduce: 3/3 epochs \(100%\), 3/3 runs done, [\d.]+ epochs/s, ETA", first.stdout, re.M)
+    assert "━" not in first.stdout
     results = json.loads((runs / "results.json").read_text())
     by_run = {r["run"]: r for r in results["runs"]}
     # the pretrained baseline that cvae needs is trained too, first
