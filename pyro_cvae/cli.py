@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import enum
 import functools
-import math
 import os
 from pathlib import Path
 from typing import Annotated, Optional
@@ -15,6 +14,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from . import data as data_lib
+from .config import EvalConfig, Mask, SampleConfig, Split, TrainConfig
 from .model import VARIANTS
 
 app = typer.Typer(
@@ -26,16 +26,6 @@ console = Console()
 errors = Console(stderr=True)
 
 VariantName = enum.Enum("VariantName", {name: name for name in VARIANTS}, type=str)
-
-
-class Mask(str, enum.Enum):
-    random = "random"
-    fixed = "fixed"
-
-
-class Split(str, enum.Enum):
-    test = "test"
-    train = "train"
 
 
 class Device(str, enum.Enum):
@@ -54,23 +44,30 @@ DeviceOpt = Annotated[Device, typer.Option(help="Where to compute.")]
 Threads = Annotated[Optional[int], typer.Option(min=1, help="CPU threads for PyTorch (default: all cores).")]
 # which run, for the commands that read one: RUNS_DIR/VARIANT (with its mask protocol) or RUN_DIR
 RunOf = Annotated[Optional[VariantName], typer.Option("--variant", help="The run of this variant in RUNS_DIR.")]
-RunMask = Annotated[Mask, typer.Option("--mask", help="With --variant: the run's masking protocol.")]
-RunInputs = Annotated[int, typer.Option("--inputs", min=1, max=3, help="With --variant and --mask fixed: visible quadrants.")]
+RunMask = Annotated[Optional[Mask], typer.Option("--mask", help="The run's masking protocol (default: random).")]
+RunInputs = Annotated[Optional[int], typer.Option("--inputs", help="With --mask fixed: the run's visible quadrants (default: 1).")]
+Seed = Annotated[int, typer.Option(help="Seed of the masks and of the z draws.")]
 
 
 def _friendly(fn):
-    """Expected failures (missing data, bad runs, bad values) end in one red line and exit code 1."""
+    """Expected failures end in one red line: a refused option with exit code 2 (as a usage
+    error), missing data, a bad run or a failed write with 1, Ctrl-C with 130."""
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
+        from .config import OptionError
         from .data import DataError
-        from .train import RunError
+        from .runs import RunError
 
         try:
             return fn(*args, **kwargs)
         except (DataError, RunError, ValueError, OSError) as e:
             errors.print(f"[bold red]error:[/] {escape(str(e))}", highlight=False, soft_wrap=True)
-            raise typer.Exit(1) from None
+            raise typer.Exit(2 if isinstance(e, OptionError) else 1) from None
+        except KeyboardInterrupt:
+            errors.print("[bold red]interrupted[/] (Ctrl-C) before a checkpoint could be saved; nothing was "
+                         "half-written: run the same command to start again or resume.", highlight=False, soft_wrap=True)
+            raise typer.Exit(130) from None
 
     return wrapper
 
@@ -79,16 +76,6 @@ def _threads(threads: int | None) -> None:
     import torch
 
     torch.set_num_threads(threads or os.cpu_count() or 1)
-
-
-def _run_dir(run_dir: Path | None, runs_dir: Path | None, variant: VariantName | None, mask: Mask = Mask.random, inputs: int = 1) -> Path:
-    from .train import run_name
-
-    if run_dir is not None:
-        return run_dir
-    if variant is None:
-        raise ValueError("name a run: --variant NAME (looked up in --runs-dir) or --run-dir DIR.")
-    return (runs_dir or Path("runs")) / run_name(variant.value, mask.value, inputs)
 
 
 @app.command("data")
@@ -121,15 +108,15 @@ def variants_cmd() -> None:
 @app.command("train")
 @_friendly
 def train_cmd(
-    variant: Annotated[VariantName, typer.Option(help="Which variant to train.")] = VariantName("joint-scratch"),
-    epochs: Annotated[int, typer.Option(min=1, help="Passes over the training images.")] = 20,
-    batch_size: Annotated[int, typer.Option(min=1, help="Images per step.")] = 32,
-    lr: Annotated[float, typer.Option(help="Adam learning rate (> 0).")] = 1e-3,
-    seed: Annotated[int, typer.Option(help="Seed of data order, masks, initialisation and z draws.")] = 0,
-    mask: Annotated[Mask, typer.Option(help="Masking protocol: random (1 of 4 quadrants visible) or fixed.")] = Mask.random,
-    inputs: Annotated[int, typer.Option(min=1, max=3, help="Visible quadrants with --mask fixed.")] = 1,
-    limit: Annotated[Optional[int], typer.Option(min=1, help="Train on the first N images only.")] = None,
-    hybrid_weight: Annotated[float, typer.Option(min=0.0, max=1.0, help="Weight of the CVAE term in 'hybrid'.")] = 0.5,
+    variant: Annotated[VariantName, typer.Option(help="Which variant to train.")] = VariantName(TrainConfig.variant),
+    epochs: Annotated[int, typer.Option(help="Passes over the training images.")] = TrainConfig.epochs,
+    batch_size: Annotated[int, typer.Option(help="Images per step.")] = TrainConfig.batch_size,
+    lr: Annotated[float, typer.Option(help="Adam learning rate (> 0).")] = TrainConfig.lr,
+    seed: Annotated[int, typer.Option(help="Seed of data order, masks, initialisation and z draws.")] = TrainConfig.seed,
+    mask: Annotated[Mask, typer.Option(help="Masking protocol: random (1 of 4 quadrants visible) or fixed.")] = TrainConfig.mask,
+    inputs: Annotated[Optional[int], typer.Option(help="Visible quadrants (1-3) with --mask fixed (default: 1).")] = TrainConfig.inputs,
+    limit: Annotated[Optional[int], typer.Option(help="Train on the first N images only.")] = TrainConfig.limit,
+    hybrid_weight: Annotated[Optional[float], typer.Option(help="Weight in [0, 1] of the CVAE term in 'hybrid' (default: 0.5).")] = TrainConfig.hybrid_weight,
     force: Annotated[bool, typer.Option(help="Start over even if the run directory holds a run.")] = False,
     data_dir: DataDir = None,
     runs_dir: Annotated[Optional[Path], typer.Option(help="Folder of run directories (default: runs; with --run-dir, the folder holding it: where the pretrained baseline is found).")] = None,
@@ -139,19 +126,17 @@ def train_cmd(
     progress: Annotated[bool, typer.Option(help="Show a progress bar (else a line per epoch).")] = True,
 ) -> None:
     """Train a variant (or resume its unfinished run) with SVI; leaves RUNS_DIR/VARIANT/."""
-    from .train import TrainConfig, train
+    from .train import Status, train
 
-    if not (lr > 0 and math.isfinite(lr)):
-        raise typer.BadParameter(f"must be a positive number, got {lr}", param_hint="--lr")
     _threads(threads)
     config = TrainConfig(variant=variant.value, epochs=epochs, batch_size=batch_size, lr=lr, seed=seed,
-                         mask=mask.value, inputs=inputs, limit=limit, hybrid_weight=hybrid_weight)
-    result = train(config, run_dir=_run_dir(run_dir, runs_dir, variant, mask, inputs), runs_dir=runs_dir,
-                   data_dir=data_dir, device=device.value, force=force, log=console.print, progress=progress)
-    if result.status == "finished":
+                         mask=mask, inputs=inputs, limit=limit, hybrid_weight=hybrid_weight).validate()
+    result = train(config, run_dir=run_dir, runs_dir=runs_dir, data_dir=data_dir, device=device.value, force=force,
+                   log=console.print, progress=progress)
+    if result.status is Status.finished:
         console.print(f"[green]trained[/] {result.run_dir} for {result.epochs_done} epochs "
                       f"({result.steps} steps, {result.seconds:.0f} s)")
-    elif result.status == "interrupted":
+    elif result.status is Status.interrupted:
         raise typer.Exit(130)
 
 
@@ -161,22 +146,24 @@ def evaluate_cmd(
     variant: RunOf = None,
     run_dir: RunDir = None,
     runs_dir: RunsDir = Path("runs"),
-    samples: Annotated[int, typer.Option(min=1, help="Importance samples S per image.")] = 100,
-    split: Annotated[Split, typer.Option(help="Images to evaluate on (the reference measured on train).")] = Split.test,
-    limit: Annotated[Optional[int], typer.Option(min=1, help="Evaluate the first N images only.")] = None,
-    batch_size: Annotated[int, typer.Option(min=1, help="Images per chunk; with S particles each, 5,000 rows fit the CPU cache best.")] = 50,
-    seed: Annotated[int, typer.Option(help="Seed of the evaluation masks and of the z draws.")] = 0,
-    mask: RunMask = Mask.random,
-    inputs: RunInputs = 1,
+    samples: Annotated[int, typer.Option(help="Importance samples S per image.")] = EvalConfig.samples,
+    split: Annotated[Split, typer.Option(help="Images to evaluate on (the reference measured on train).")] = EvalConfig.split,
+    limit: Annotated[Optional[int], typer.Option(help="Evaluate the first N images only.")] = EvalConfig.limit,
+    batch_size: Annotated[int, typer.Option(help="Images per chunk; with S particles each, 5,000 rows fit the CPU cache best.")] = EvalConfig.batch_size,
+    seed: Seed = EvalConfig.seed,
+    mask: RunMask = None,
+    inputs: RunInputs = None,
     data_dir: DataDir = None,
     device: DeviceOpt = Device.auto,
     threads: Threads = None,
 ) -> None:
     """NCLL of a trained run by importance sampling; printed and saved to the run directory."""
     from .evaluate import evaluate_run
+    from .runs import select_run
 
     _threads(threads)
-    target = _run_dir(run_dir, runs_dir, variant, mask, inputs)
+    EvalConfig(samples, split, limit, batch_size, seed).validate()
+    target = select_run(run_dir, runs_dir, variant and variant.value, mask, inputs)
     with console.status(f"evaluating {target} on {split.value} with S={samples}"):
         r = evaluate_run(target, samples=samples, split=split.value, limit=limit, batch_size=batch_size, seed=seed,
                          data_dir=data_dir, device=device.value, log=console.print)
@@ -186,8 +173,8 @@ def evaluate_cmd(
     table.add_row(r.split, str(r.images), str(r.samples), f"{r.ncll:.3f}", f"{r.ncll_se:.3f}",
                   f"{r.ess_mean:.1f}", str(r.epochs), f"{r.seconds:.1f}")
     console.print(table)
-    console.print(f"masks: {r.mask}{'' if r.mask == 'random' else f' ({r.inputs} visible)'}, seed {r.seed}; "
-                  f"proposal: {r.proposal}; saved {target / r.path_name}")
+    console.print(f"masks: {r.mask}{'' if r.inputs is None else f' ({r.inputs} visible)'}, seed {r.seed}; "
+                  f"proposal: {r.proposal}; saved {r.path}")
 
 
 @app.command("sample")
@@ -196,22 +183,24 @@ def sample_cmd(
     variant: RunOf = None,
     run_dir: RunDir = None,
     runs_dir: RunsDir = Path("runs"),
-    num_images: Annotated[int, typer.Option(min=1, help="Images, one column each: the first N of the split.")] = 10,
-    num_samples: Annotated[int, typer.Option(min=1, help="CVAE completions per image, one row each.")] = 10,
-    split: Annotated[Split, typer.Option(help="Images to complete.")] = Split.test,
-    seed: Annotated[int, typer.Option(help="Seed of the masks (as evaluate draws them) and of the z draws.")] = 0,
-    out: Annotated[Optional[Path], typer.Option(help="PNG to write (default: RUN_DIR/samples-SPLIT.png).")] = None,
-    mask: RunMask = Mask.random,
-    inputs: RunInputs = 1,
+    num_images: Annotated[int, typer.Option(help="Images, one column each: the first N of the split.")] = SampleConfig.num_images,
+    num_samples: Annotated[int, typer.Option(help="CVAE completions per image, one row each.")] = SampleConfig.num_samples,
+    split: Annotated[Split, typer.Option(help="Images to complete.")] = SampleConfig.split,
+    seed: Seed = SampleConfig.seed,
+    out: Annotated[Optional[Path], typer.Option(help="PNG to write (default: in the run directory).")] = None,
+    mask: RunMask = None,
+    inputs: RunInputs = None,
     data_dir: DataDir = None,
     device: DeviceOpt = Device.auto,
     threads: Threads = None,
 ) -> None:
     """A PNG grid of a trained run: input | truth | baseline | CVAE samples, a column per image."""
+    from .runs import select_run
     from .sample import sample_grid
 
     _threads(threads)
-    target = _run_dir(run_dir, runs_dir, variant, mask, inputs)
+    SampleConfig(num_images, num_samples, split, seed).validate()
+    target = select_run(run_dir, runs_dir, variant and variant.value, mask, inputs)
     # the baseline row, for a run without a baseline net, comes from a finished baseline run beside it
     path = sample_grid(target, num_images=num_images, num_samples=num_samples, split=split.value, seed=seed, out=out,
                        data_dir=data_dir, device=device.value)
@@ -230,5 +219,3 @@ def plot_cmd(
     console.print(f"wrote {plot_runs(runs_dir, out)}")
 
 
-def main() -> None:  # pragma: no cover
-    app()

@@ -11,7 +11,6 @@ net as one matrix product, and the prior and recognition nets run once per image
 
 from __future__ import annotations
 
-import json
 import math
 import time
 from dataclasses import asdict, dataclass
@@ -22,10 +21,10 @@ import pyro
 import pyro.poutine as poutine
 import torch
 
+from .config import EvalConfig, require_at_least_one, resolve_device
 from .data import evaluation_masks, load_split, visible_input
-from .model import CVAE
-from .atomic import atomic_write_text
-from .train import load_run, require_at_least_one, resolve_device
+from .model import CVAE, Proposal
+from .runs import Run, RunError
 
 
 def _log_prob_per_image(trace) -> torch.Tensor:
@@ -80,7 +79,7 @@ def ncll_per_image(
 
 @dataclass
 class Evaluation:
-    """What ``evaluate`` reports and writes to ``<run>/eval-<split>-S<S>.json``."""
+    """What ``evaluate`` reports and writes to the run directory (``Run.evaluation_path``)."""
 
     run_dir: str
     variant: str
@@ -96,54 +95,61 @@ class Evaluation:
     proposal: str
     seed: int
     seconds: float
-
-    @property
-    def path_name(self) -> str:
-        return eval_file_name(self.split, self.samples)
-
-
-def eval_file_name(split: str, samples: int) -> str:
-    """Where an evaluation is saved in its run directory (S as drawn: ``Variant.importance_samples``)."""
-    return f"eval-{split}-S{samples}.json"
+    step: int  # of the checkpoint evaluated: the result counts while that checkpoint is the run's
+    run_id: str | None
+    path: str | None = None  # where it was saved
 
 
 def evaluate_run(
     run_dir: str | Path,
-    samples: int = 100,
-    split: str = "test",
-    limit: int | None = None,
-    batch_size: int = 50,
-    seed: int = 0,
+    samples: int = EvalConfig.samples,
+    split: str = EvalConfig.split.value,
+    limit: int | None = EvalConfig.limit,
+    batch_size: int = EvalConfig.batch_size,
+    seed: int = EvalConfig.seed,
     data_dir: str | Path | None = None,
     device: str | torch.device = "auto",
     images: torch.Tensor | None = None,
     log: Callable[[str], None] = print,
 ) -> Evaluation:
-    """Evaluate a trained run and write its results file. ``images`` replaces the MNIST split (tests)."""
-    require_at_least_one(samples=samples, limit=limit, batch_size=batch_size)
+    """Evaluate a trained run and write its results file (one per split, S, image count and
+    seed). ``images`` replaces the MNIST split (tests). A result that cannot be saved is a
+    ``RunError`` whose message holds the NCLL."""
+    split = EvalConfig(samples=samples, split=split, limit=limit, batch_size=batch_size, seed=seed).validate().split.value
     device = resolve_device(device) if isinstance(device, str) else device
-    run_dir = Path(run_dir)
-    cvae, config, checkpoint = load_run(run_dir, device)
+    run = Run(run_dir)
+    cvae, config, checkpoint = run.load(device, log)
     if checkpoint["epoch"] < config.epochs:
-        log(f"note: {run_dir} is trained for {checkpoint['epoch']} of {config.epochs} epochs.")
+        log(f"note: {run.path} is trained for {checkpoint['epoch']} of {config.epochs} epochs.")
     if images is None:
         images, _ = load_split(split, data_dir)
+    if limit is not None and limit >= len(images):
+        limit = None  # the whole split
     # masks fixed per image index by the seed over the whole split, so --limit takes a prefix of them
     hidden = evaluation_masks(len(images), config.mask, config.inputs, seed)
     if limit is not None:
         images, hidden = images[:limit], hidden[:limit]
     _, proposal = cvae.proposal()
-    if proposal.startswith("prior"):
+    if proposal is Proposal.prior:
         log("note: this run has no recognition net: the prior p(z|x) is the importance proposal.")
     pyro.set_rng_seed(seed)
     started = time.perf_counter()
     ncll, ess = ncll_per_image(cvae, images.to(device), hidden.to(device), samples, image_batch=batch_size)
     seconds = time.perf_counter() - started
     result = Evaluation(
-        run_dir=str(run_dir), variant=config.variant, epochs=int(checkpoint["epoch"]), split=split,
-        mask=config.mask, inputs=config.inputs, samples=cvae.variant.importance_samples(samples), images=len(ncll),
-        ncll=ncll.mean().item(), ncll_se=(ncll.std() / math.sqrt(len(ncll))).item() if len(ncll) > 1 else float("nan"),
-        ess_mean=ess.mean().item(), proposal=proposal, seed=seed, seconds=round(seconds, 2),
+        run_dir=str(run.path), variant=config.variant, epochs=int(checkpoint["epoch"]), split=split,
+        mask=config.mask.value, inputs=config.inputs, samples=cvae.variant.importance_samples(samples),
+        images=len(ncll), ncll=ncll.mean().item(),
+        ncll_se=(ncll.std() / math.sqrt(len(ncll))).item() if len(ncll) > 1 else float("nan"),
+        ess_mean=ess.mean().item(), proposal=proposal.value, seed=seed, seconds=round(seconds, 2),
+        step=int(checkpoint["step"]), run_id=checkpoint.get("run_id"),
     )
-    atomic_write_text(json.dumps(asdict(result), indent=2) + "\n", run_dir / result.path_name)
+    record = asdict(result)
+    del record["path"]
+    try:
+        result.path = str(run.write_evaluation(record, limit))
+    except OSError as e:
+        raise RunError(f"NCLL {result.ncll:.3f} ± {result.ncll_se:.3f} ({result.images} {split} images, S={result.samples}) "
+                       f"could not be saved in {run.path} ({type(e).__name__}: {e}); free space or fix its permissions "
+                       "and evaluate again.") from None
     return result

@@ -8,7 +8,6 @@ through ``pyplot``: no global figure state, no GUI backend, the same bytes for t
 from __future__ import annotations
 
 import io
-import json
 import math
 from pathlib import Path
 
@@ -17,8 +16,9 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
 from .atomic import atomic_write_bytes
+from .config import Mask
 from .model import VARIANTS
-from .train import CONFIG, TrainConfig, read_metrics
+from .runs import Run, runs_in
 
 DPI = 128  # a power of two: pixel sizes / DPI * DPI are exact, so a figure's pixel size is what was asked
 CURVES = ("loss", "recon", "kl")
@@ -34,48 +34,36 @@ def save_png(fig: Figure, path: str | Path) -> Path:
     return path
 
 
-def _test_evaluation(run_dir: Path) -> dict | None:
-    """The run's test-split evaluation with the most importance samples, if any."""
-    found = []
-    for path in run_dir.glob("eval-test-S*.json"):
-        try:
-            result = json.loads(path.read_text())
-            found.append((int(result["samples"]), result))
-        except (ValueError, KeyError, TypeError, OSError):
-            continue
-    return max(found, key=lambda pair: pair[0])[1] if found else None
-
-
-def _reference(run_dir: Path, variant: str) -> float | None:
+def _reference(run: Run, variant: str) -> float | None:
     """The reference implementation's NCLL, which only applies to runs on its random masks."""
     v = VARIANTS.get(variant)
     try:
-        mask = TrainConfig.from_json(run_dir / CONFIG).mask
-    except (OSError, ValueError, TypeError):
-        mask = "random"
-    return v.reference_ncll if v is not None and mask == "random" else None
+        mask = run.config().mask
+    except Exception:  # a run being written, or not one of ours: no reference bar
+        return None
+    return v.reference_ncll if v is not None and mask is Mask.random else None
 
 
 def plot_runs(runs_dir: str | Path = "runs", out: str | Path | None = None) -> Path:
     """Training curves (loss, recon, kl per epoch, a line per run) and, where runs have test
     evaluations, their NCLL with standard-error bars beside the reference's, as one PNG.
 
-    A run is a sub-folder holding ``config.json``. Default output: ``<runs_dir>/plots.png``."""
+    Default output: ``<runs_dir>/plots.png``."""
     runs_dir = Path(runs_dir)
-    runs = sorted(p for p in runs_dir.iterdir() if (p / CONFIG).is_file()) if runs_dir.is_dir() else []
+    runs = runs_in(runs_dir)
     if not runs:
-        raise ValueError(f"no runs in {runs_dir} (no sub-folder with {CONFIG}); train one with: "
+        raise ValueError(f"no runs in {runs_dir} (no sub-folder holds a trained run); train one with: "
                          f"pyro-cvae train --runs-dir {runs_dir}, or point --runs-dir at the right folder.")
-    evaluations = [(run, e) for run in runs if (e := _test_evaluation(run)) is not None]
+    evaluations = [(run, e) for run in runs if (e := run.best_evaluation("test")) is not None]
 
     fig = Figure(figsize=(12, 8 if evaluations else 4), dpi=DPI, layout="constrained")
     grid = fig.add_gridspec(2 if evaluations else 1, len(CURVES))
     for i, name in enumerate(CURVES):
         ax = fig.add_subplot(grid[0, i])
         for k, run in enumerate(runs):
-            records = [r for r in read_metrics(run) if all(k in r for k in CURVES)]
+            records = [r for r in run.read_metrics() if all(k in r for k in CURVES)]
             if records:  # ten colours, then the same ten dashed, then dotted
-                ax.plot([r["epoch"] for r in records], [r[name] for r in records], marker=".", label=run.name,
+                ax.plot([r["epoch"] for r in records], [r[name] for r in records], marker=".", label=run.path.name,
                         color=f"C{k % 10}", linestyle=("-", "--", ":")[k // 10 % 3])
         ax.set(title=f"{name} per image (nats)", xlabel="epoch")
         ax.grid(alpha=0.3)
@@ -88,7 +76,7 @@ def plot_runs(runs_dir: str | Path = "runs", out: str | Path | None = None) -> P
         ax = fig.add_subplot(grid[1, :])
         width = 0.4
         for i, (run, e) in enumerate(evaluations):
-            reference = _reference(run, e.get("variant", run.name))
+            reference = _reference(run, e.get("variant", run.path.name))
             at = i if reference is None else i - width / 2
             se = e.get("ncll_se")
             se = se if se is not None and math.isfinite(se) else 0.0
@@ -102,7 +90,7 @@ def plot_runs(runs_dir: str | Path = "runs", out: str | Path | None = None) -> P
                             fontsize="small", xytext=(0, 2), textcoords="offset points")
         ax.set_xlim(-0.7, len(evaluations) - 0.3)
         ax.margins(y=0.1)
-        ticks = [f"{run.name} (S={e['samples']}" + (f", {e['images']} images)" if "images" in e else ")")
+        ticks = [f"{run.path.name} (S={e['samples']}" + (f", {e['images']} images)" if "images" in e else ")")
                  for run, e in evaluations]
         ax.set_xticks(range(len(evaluations)), ticks, fontsize="small", rotation=25, ha="right",
                       rotation_mode="anchor")

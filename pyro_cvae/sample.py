@@ -22,10 +22,11 @@ import torch
 from matplotlib.figure import Figure
 from torchvision.utils import make_grid
 
+from .config import Mask, SampleConfig, require_at_least_one, resolve_device
 from .data import SIDE, evaluation_masks, load_split, visible_input
-from .model import CVAE, hidden_pixels
+from .model import CVAE, Baseline, hidden_pixels
 from .plots import DPI, save_png
-from .train import is_finished, load_run, require_at_least_one, resolve_device, run_name
+from .runs import Run, baseline_run_dir
 
 HIDDEN_COLOUR = (0.33, 0.42, 0.60)  # muted blue: no grey level of ink or paper can be mistaken for it
 PAD = 2  # grey-white lines between the cells of the grid
@@ -63,11 +64,11 @@ def baseline_row(
     own), so what it draws is a code for the prior, not a prediction."""
     if cvae.deterministic:
         return "baseline", completions(cvae, images, hidden, 1)[0]
-    if cvae.variant.baseline == "frozen":  # the pretrained baseline itself
+    if cvae.variant.baseline is Baseline.frozen:  # the pretrained baseline itself
         with torch.no_grad():
             return "baseline", cvae.baseline_guess(visible_input(images, hidden), hidden)
-    if baseline_dir is not None and is_finished(baseline_dir):
-        baseline, _, _ = load_run(baseline_dir, device)
+    if baseline_dir is not None and Run(baseline_dir).is_finished():
+        baseline, _, _ = Run(baseline_dir).load(device)
         return "baseline", completions(baseline.eval(), images, hidden, 1)[0]
     if cvae.baseline_net is not None:  # no standalone baseline: show what the joint one feeds the prior
         with torch.no_grad():
@@ -107,10 +108,10 @@ def render_grid(grid: torch.Tensor, labels: list[str], title: str) -> Figure:
 
 def sample_grid(
     run_dir: str | Path,
-    num_images: int = 10,
-    num_samples: int = 10,
-    split: str = "test",
-    seed: int = 0,
+    num_images: int = SampleConfig.num_images,
+    num_samples: int = SampleConfig.num_samples,
+    split: str = SampleConfig.split.value,
+    seed: int = SampleConfig.seed,
     out: str | Path | None = None,
     runs_dir: str | Path | None = None,
     data_dir: str | Path | None = None,
@@ -124,12 +125,13 @@ def sample_grid(
     The baseline row comes from the run, else from a finished ``baseline`` run of the same
     masks in ``runs_dir`` (default: the folder holding ``run_dir``). A deterministic run (the
     ``baseline`` variant) has no z to sample: its grid stops after its baseline row.
-    ``images`` ``(N, 784)`` replaces the MNIST split (tests). Default output:
-    ``<run_dir>/samples-<split>.png``."""
-    require_at_least_one(num_images=num_images, num_samples=num_samples)
+    ``images`` ``(N, 784)`` replaces the MNIST split (tests). Default output: the run's
+    ``Run.samples_path``."""
+    split = SampleConfig(num_images, num_samples, split, seed).validate().split.value
     device = resolve_device(device) if isinstance(device, str) else device
-    run_dir = Path(run_dir)
-    cvae, config, checkpoint = load_run(run_dir, device)
+    run = Run(run_dir)
+    run_dir = run.path
+    cvae, config, checkpoint = run.load(device)
     cvae.eval()
     if images is None:
         images, _ = load_split(split, data_dir)
@@ -142,8 +144,7 @@ def sample_grid(
     pyro.set_rng_seed(seed)
     rows, labels = [images, images], ["input", "truth"]
     runs_dir = Path(runs_dir) if runs_dir is not None else run_dir.parent
-    baseline_dir = runs_dir / run_name("baseline", config.mask, config.inputs)
-    baseline = baseline_row(cvae, images, hidden, baseline_dir, device)
+    baseline = baseline_row(cvae, images, hidden, baseline_run_dir(runs_dir, config), device)
     if baseline is not None:
         labels.append(baseline[0])
         rows.append(baseline[1])
@@ -152,10 +153,10 @@ def sample_grid(
         rows.extend(samples)
         labels.extend(f"sample {k + 1}" for k in range(num_samples))
 
-    masks = "random masks" if config.mask == "random" else f"fixed masks, {config.inputs} visible"
+    masks = "random masks" if config.mask is Mask.random else f"fixed masks, {config.inputs} visible"
     name = run_dir.name if run_dir.name == config.variant else f"{run_dir.name} ({config.variant})"
     drawn = "pixel probabilities" if cvae.deterministic else "pixel probabilities, z from the prior p(z|x)"
     title = (f"{name}, epoch {checkpoint['epoch']}/{config.epochs}\n"
              f"{split} images 0-{num_images - 1}, {masks}, seed {seed}\n{drawn}")
     fig = render_grid(grid_tensor(rows, hidden), labels, title)
-    return save_png(fig, out if out is not None else run_dir / f"samples-{split}.png")
+    return save_png(fig, out if out is not None else run.samples_path(split))

@@ -12,7 +12,7 @@ from typer.testing import CliRunner
 from pyro_cvae.cli import app
 from pyro_cvae.data import evaluation_masks, make_batch, visible_input
 from pyro_cvae.evaluate import evaluate_run, log_weights, ncll_per_image
-from pyro_cvae.train import RunError, load_run
+from pyro_cvae.runs import RunError, load_run
 
 from .helpers import fake_images, train_tiny
 

@@ -7,7 +7,8 @@ from pyro.infer import Trace_ELBO, TraceMeanField_ELBO
 from pyro_cvae.data import hidden_masks, make_batch
 from pyro_cvae.model import CVAE, VARIANTS, get_variant, hidden_pixels
 from pyro_cvae.nets import GenerationNet
-from pyro_cvae.train import TrainConfig, make_optimizer, objective, train_step
+from pyro_cvae.config import TrainConfig
+from pyro_cvae.train import make_optimizer, objective, train_step
 
 from .helpers import fake_images
 

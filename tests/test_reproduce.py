@@ -1,4 +1,5 @@
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -11,7 +12,8 @@ def test_reproduce_trains_evaluates_and_writes_the_table(tmp_path, mnist_dir):
     cmd = [sys.executable, str(ROOT / "scripts" / "reproduce.py"), "--variants", "cvae", "unconditioned-prior",
            "--epochs", "1", "--limit", "64", "--samples", "2", "--test-images", "20", "--train-images", "20",
            "--jobs", "2", "--runs-dir", str(runs), "--data-dir", str(mnist_dir)]
-    first = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}  # this checkout's package, whatever is installed
+    first = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
     assert first.returncode == 0, first.stdout + first.stderr
     results = json.loads((runs / "results.json").read_text())
     by_run = {r["run"]: r for r in results["runs"]}
@@ -25,7 +27,7 @@ def test_reproduce_trains_evaluates_and_writes_the_table(tmp_path, mnist_dir):
     assert all(line.count("|") == 10 for line in table.splitlines() if line.startswith("|"))
     # a second invocation trains and evaluates nothing again
     stamp = (runs / "cvae" / "checkpoint.pt").stat().st_mtime_ns
-    second = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    second = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
     assert second.returncode == 0, second.stdout + second.stderr
     assert (runs / "cvae" / "checkpoint.pt").stat().st_mtime_ns == stamp
     again = {r["run"]: r for r in json.loads((runs / "results.json").read_text())["runs"]}
