@@ -134,12 +134,12 @@ class TrainConfig:
         for f in fields(cls):
             if f.name not in raw:
                 continue
-            value, default = raw[f.name], f.default
-            kind = type(default.value if isinstance(default, enum.Enum) else default)
-            if value is not None or default is not None:
-                expected = {bool: bool, int: int, float: (int, float), str: str}.get(kind, (int, float))
-                if isinstance(value, bool) or not isinstance(value, expected):
-                    raise ValueError(f"{f.name} is {value!r}, not a {getattr(kind, '__name__', 'number')}")
+            value = raw[f.name]
+            kind = f.type.split(" | ")[0]  # "int", "float", "str" or "Mask"; "| None" when it may be absent
+            expected, what = {"int": (int, "an integer"), "float": ((int, float), "a number")}.get(kind, (str, "a string"))
+            absent = value is None and "None" in f.type
+            if not absent and (isinstance(value, bool) or not isinstance(value, expected)):
+                raise ValueError(f"{f.name} is {value!r}, not {what}")
             values[f.name] = value
         if values.get("mask", "random") == "random" and values.get("inputs") == 1:
             values["inputs"] = None

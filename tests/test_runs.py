@@ -210,7 +210,7 @@ def test_a_malformed_checkpoint_is_named(finished, content, problem):
 
 
 def test_a_saved_config_of_the_wrong_type_is_named():
-    with pytest.raises(ValueError, match="epochs is 'abc', not a int"):
+    with pytest.raises(ValueError, match="epochs is 'abc', not an integer"):
         TrainConfig.from_dict({"variant": "cvae", "epochs": "abc"})
     # runs saved before options that do not apply were refused stored their defaults
     legacy = TrainConfig.from_dict({"variant": "joint-scratch", "mask": "random", "inputs": 1, "hybrid_weight": 0.5})
