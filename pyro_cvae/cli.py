@@ -15,7 +15,8 @@ from rich.table import Table
 
 from . import data as data_lib
 from .config import EvalConfig, Mask, SampleConfig, Split, TrainConfig
-from .model import VARIANTS
+from .estimators import GuideGradient
+from .model import VARIANTS, Elbo
 
 app = typer.Typer(
     add_completion=False,
@@ -117,6 +118,9 @@ def train_cmd(
     inputs: Annotated[Optional[int], typer.Option(help="Visible quadrants (1-3) with --mask fixed (default: 1).")] = TrainConfig.inputs,
     limit: Annotated[Optional[int], typer.Option(help="Train on the first N images only.")] = TrainConfig.limit,
     hybrid_weight: Annotated[Optional[float], typer.Option(help="Weight in [0, 1] of the CVAE term in 'hybrid' (default: 0.5).")] = TrainConfig.hybrid_weight,
+    elbo: Annotated[Optional[Elbo], typer.Option(help="Training objective: meanfield (TraceMeanField_ELBO, closed-form KL), trace (Trace_ELBO), iwae (RenyiELBO alpha=0). Default: the variant's.")] = TrainConfig.elbo,
+    particles: Annotated[Optional[int], typer.Option(help="Particles K of the ELBO (default: the variant's; 5 with iwae, else 1).")] = TrainConfig.particles,
+    guide_gradient: Annotated[Optional[GuideGradient], typer.Option(help="Guide gradient: reparam (Pyro's), stl (sticking the landing; trace or iwae), dreg (doubly reparameterised; iwae). Default: the variant's.")] = TrainConfig.guide_gradient,
     force: Annotated[bool, typer.Option(help="Start over even if the run directory holds a run.")] = False,
     data_dir: DataDir = None,
     runs_dir: Annotated[Optional[Path], typer.Option(help="Folder of run directories (default: runs; with --run-dir, the folder holding it: where the pretrained baseline is found).")] = None,
@@ -130,7 +134,9 @@ def train_cmd(
 
     _threads(threads)
     config = TrainConfig(variant=variant.value, epochs=epochs, batch_size=batch_size, lr=lr, seed=seed,
-                         mask=mask, inputs=inputs, limit=limit, hybrid_weight=hybrid_weight).validate()
+                         mask=mask, inputs=inputs, limit=limit, hybrid_weight=hybrid_weight,
+                         elbo=elbo.value if elbo else None, particles=particles,
+                         guide_gradient=guide_gradient.value if guide_gradient else None).validate()
     result = train(config, run_dir=run_dir, runs_dir=runs_dir, data_dir=data_dir, device=device.value, force=force,
                    log=console.print, progress=progress)
     if result.status is Status.finished:

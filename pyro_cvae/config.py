@@ -11,7 +11,8 @@ from typing import Any
 
 import torch
 
-from .model import VARIANTS, Objective, get_variant
+from .estimators import GuideGradient
+from .model import VARIANTS, Elbo, Objective, get_variant
 
 SEED_LIMIT = 2**32  # numpy's seeds (set by pyro.set_rng_seed) are 32-bit
 
@@ -77,6 +78,9 @@ class TrainConfig:
     inputs: int | None = None  # visible quadrants, with mask="fixed"
     limit: int | None = None  # use the first N training images only
     hybrid_weight: float | None = None  # weight of the CVAE objective in "hybrid" (the GSNN gets 1 - it)
+    elbo: str | None = None  # meanfield, trace or iwae; default: the variant's (meanfield but for *-iwae)
+    particles: int | None = None  # K; default: the variant's with its own ELBO, else 5 for iwae and 1 otherwise
+    guide_gradient: str | None = None  # reparam, stl or dreg (estimators.GuideGradient); default: the variant's
 
     def __post_init__(self) -> None:
         if self.mask in (Mask.random, Mask.fixed):
@@ -85,10 +89,19 @@ class TrainConfig:
             self.inputs = 1
         if self.hybrid_weight is None and _is_hybrid(self.variant):
             self.hybrid_weight = 0.5
+        variant = VARIANTS.get(self.variant)
+        if variant is not None:
+            if self.elbo is None:
+                self.elbo = variant.elbo.value
+            if self.guide_gradient is None:
+                self.guide_gradient = variant.guide_gradient.value
+            if self.particles is None:
+                same = self.elbo == variant.elbo.value
+                self.particles = variant.particles if same else 5 if self.elbo == Elbo.iwae.value else 1
 
     def validate(self) -> "TrainConfig":
         variant = get_variant(self.variant)
-        require_at_least_one(epochs=self.epochs, batch_size=self.batch_size, limit=self.limit)
+        require_at_least_one(epochs=self.epochs, batch_size=self.batch_size, limit=self.limit, particles=self.particles)
         check_seed(self.seed)
         hybrid = variant.objective is Objective.hybrid
         checks = [
@@ -101,6 +114,15 @@ class TrainConfig:
             (hybrid or self.hybrid_weight is None,
              f"--hybrid-weight applies to --variant hybrid only, not {self.variant}; drop it"),
             (not hybrid or 0.0 <= self.hybrid_weight <= 1.0, f"--hybrid-weight must lie in [0, 1], got {self.hybrid_weight}"),
+            (self.elbo in {e.value for e in Elbo}, f"--elbo must be one of {', '.join(e.value for e in Elbo)}, got {self.elbo!r}"),
+            (variant.objective is not Objective.baseline or (self.elbo != Elbo.iwae.value and self.particles == 1),
+             "the baseline has no latent variable: --elbo iwae and --particles do not apply to it"),
+            (self.guide_gradient in {g.value for g in GuideGradient},
+             f"--guide-gradient must be one of {', '.join(g.value for g in GuideGradient)}, got {self.guide_gradient!r}"),
+            (self.guide_gradient != GuideGradient.stl.value or self.elbo != Elbo.meanfield.value,
+             "--guide-gradient stl needs a Monte Carlo KL: use it with --elbo trace or iwae"),
+            (self.guide_gradient != GuideGradient.dreg.value or self.elbo == Elbo.iwae.value,
+             "--guide-gradient dreg is for the importance-weighted bound: use it with --elbo iwae"),
         ]
         for ok, message in checks:
             if not ok:
@@ -118,7 +140,8 @@ class TrainConfig:
 
     def baseline(self) -> "TrainConfig":
         """The config of the pretrained baseline this run's variant starts from."""
-        return TrainConfig(**{**self.to_dict(), "variant": "baseline", "hybrid_weight": None})
+        return TrainConfig(**{**self.to_dict(), "variant": "baseline", "hybrid_weight": None, "elbo": None,
+                              "particles": None, "guide_gradient": None})
 
     def to_dict(self) -> dict[str, Any]:
         return {**asdict(self), "mask": self.mask.value}

@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .estimators import GuideGradient
 from .nets import Z_DIM, BaselineNet, GaussianNet, GenerationNet
 
 
@@ -53,6 +54,14 @@ class Proposal(str, enum.Enum):
     none = "none (deterministic: exact likelihood)"
 
 
+class Elbo(str, enum.Enum):
+    """The training objective, a Pyro ELBO object (``train.make_elbo``)."""
+
+    meanfield = "meanfield"  # TraceMeanField_ELBO: closed-form KL, the reference's objective
+    trace = "trace"  # Trace_ELBO: Monte Carlo KL, as in Pyro's CVAE example
+    iwae = "iwae"  # RenyiELBO(alpha=0): the importance-weighted bound of Burda et al. (2016)
+
+
 @dataclass(frozen=True)
 class Variant:
     """One row of the results table, as data. ``pretrained``: the baseline net starts from the
@@ -67,6 +76,9 @@ class Variant:
     objective: Objective = Objective.cvae
     reference_config: str | None = None
     reference_ncll: float | None = None
+    elbo: Elbo = Elbo.meanfield  # the default training objective (--elbo overrides)
+    particles: int = 1  # K of that objective (--particles overrides)
+    guide_gradient: GuideGradient = GuideGradient.reparam  # (--guide-gradient overrides)
 
     @property
     def needs_pretrained_baseline(self) -> bool:
@@ -103,6 +115,11 @@ VARIANTS: dict[str, Variant] = {
                 baseline=Baseline.joint, objective=Objective.gsnn),
         Variant("hybrid", "paper's weighted sum of the CVAE and GSNN objectives; as joint-scratch",
                 baseline=Baseline.joint, objective=Objective.hybrid),
+        # beyond the table: the importance-weighted bound (K=10) with doubly reparameterised gradients
+        Variant("joint-scratch-iwae", "as joint-scratch, trained on the IWAE bound (K=10, DReG)",
+                baseline=Baseline.joint, elbo=Elbo.iwae, particles=10, guide_gradient=GuideGradient.dreg),
+        Variant("cvae-iwae", "as cvae, trained on the IWAE bound (K=10, DReG)", baseline=Baseline.frozen,
+                pretrained=True, elbo=Elbo.iwae, particles=10, guide_gradient=GuideGradient.dreg),
     ]
 }
 

@@ -4,9 +4,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import enum
 import math
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -14,57 +16,111 @@ from typing import Callable
 import pyro
 import pyro.poutine as poutine
 import torch
-from pyro.distributions.kl import kl_divergence
+from pyro.infer import ELBO, RenyiELBO, Trace_ELBO, TraceMeanField_ELBO
 
 from .config import TrainConfig, resolve_device
 from .data import Batch, epoch_batches, load_split, steps_per_epoch
-from .model import CVAE, get_variant
+from .estimators import GuideGradient, GuidePathGradient
+from .model import CVAE, Elbo, Objective, get_variant
 from .runs import Run, RunError, baseline_run_dir, default_run_dir, new_run_id
 
 
 # ---------------------------------------------------------------------------------------------
-# The objective
+# The objective: Pyro's ELBO objects
 
 
-def _log_likelihood(model_trace) -> torch.Tensor:
-    site = model_trace.nodes["y"]
-    return site["fn"].log_prob(site["value"])
+def make_elbo(kind: Elbo, particles: int) -> ELBO:
+    """The Pyro ELBO object of a training objective, K particles vectorised over a plate at dim -2.
+
+    meanfield: ``TraceMeanField_ELBO`` (the closed-form KL: the reference's objective);
+    trace: ``Trace_ELBO`` (Monte Carlo KL); iwae: ``RenyiELBO(alpha=0)``, the importance-weighted
+    bound log (1/K) sum_k p(y, z_k|x) / q(z_k|x,y), per image (the data plate is kept)."""
+    options = dict(num_particles=particles, vectorize_particles=particles > 1, max_plate_nesting=1)
+    if kind == Elbo.iwae:
+        return RenyiELBO(alpha=0.0, **options)
+    return (TraceMeanField_ELBO if kind == Elbo.meanfield else Trace_ELBO)(**options)
 
 
-def elbo_terms(cvae: CVAE, batch: Batch, guide: Callable | None) -> tuple[torch.Tensor, torch.Tensor]:
-    """(reconstruction, KL), each summed over the batch, from one draw of z.
-
-    With a guide: the guide's trace is replayed in the model, reconstruction is -log p(y|x,z)
-    and KL(q(z|x,y) || p(z|x)) is analytic (``TraceMeanField_ELBO``, as the reference computes it;
-    a test checks the two agree). Without one, z comes from the model's own prior (the GSNN
-    objective: reparameterised, no KL); a model with no latent gives the baseline's BCE."""
-    args = (batch.x, batch.y, batch.hidden)
-    if guide is None:
-        model_trace = poutine.trace(cvae.model).get_trace(*args)
-        return -_log_likelihood(model_trace).sum(), batch.x.new_zeros(())
-    guide_trace = poutine.trace(guide).get_trace(*args)
-    model_trace = poutine.trace(poutine.replay(cvae.model, trace=guide_trace)).get_trace(*args)
-    kl = kl_divergence(guide_trace.nodes["z"]["fn"], model_trace.nodes["z"]["fn"])
-    return -_log_likelihood(model_trace).sum(), kl.sum()
-
-
-def objective(cvae: CVAE, batch: Batch, hybrid_weight: float = 0.5) -> dict[str, torch.Tensor]:
-    """The variant's loss for one batch, per image: ``loss``, ``recon`` and ``kl`` (scalars)."""
-    n = batch.x.shape[0]
+def _terms(cvae: CVAE, hybrid_weight: float) -> list[tuple[float, Callable]]:
+    """The variant's objective as (weight, guide) pairs, each an ELBO of ``cvae.model``: the CVAE
+    (the recognition net as guide), the GSNN (the prior as guide: log p(z|x) - log q(z) cancels,
+    leaving E_prior[log p(y|x,z)]), their weighted sum (hybrid), or the baseline (no latent: the
+    guide samples nothing and the ELBO is log p(y|x), minus the BCE)."""
     kind = cvae.variant.objective
-    if kind in ("baseline", "gsnn"):
-        recon, kl = elbo_terms(cvae, batch, guide=None)
-        loss = recon
-    elif kind == "cvae":
-        recon, kl = elbo_terms(cvae, batch, guide=cvae.guide)
-        loss = recon + kl
-    elif kind == "hybrid":
-        recon, kl = elbo_terms(cvae, batch, guide=cvae.guide)
-        gsnn_recon, _ = elbo_terms(cvae, batch, guide=None)
-        loss = hybrid_weight * (recon + kl) + (1 - hybrid_weight) * gsnn_recon
-    else:
-        raise ValueError(f"unknown objective {kind!r}")
-    return {"loss": loss / n, "recon": recon / n, "kl": kl / n}
+    if kind is Objective.gsnn:
+        return [(1.0, cvae.prior_guide)]
+    if kind is Objective.hybrid:
+        return [(hybrid_weight, cvae.guide), (1.0 - hybrid_weight, cvae.prior_guide)]
+    return [(1.0, cvae.guide)]  # cvae, and baseline (whose guide is empty)
+
+
+@torch.no_grad()
+def _log_terms(model_trace, guide_trace) -> tuple[torch.Tensor, torch.Tensor]:
+    """log p(y|x,z) and log p(z|x) - log q(z|x,y) of the draws an ELBO used, per particle and image
+    ``(K, B)`` (``(B,)`` with one particle), recomputed from the traces' distributions."""
+    y = model_trace.nodes["y"]
+    log_lik = y["fn"].log_prob(y["value"])
+    if guide_trace is None or "z" not in guide_trace.nodes:  # not asked, no latent (baseline), no recognition net (GSNN)
+        return log_lik, torch.zeros_like(log_lik)
+    q, p = guide_trace.nodes["z"], model_trace.nodes["z"]
+    return log_lik, p["fn"].log_prob(q["value"]) - q["fn"].log_prob(q["value"])
+
+
+def _normalized_weights(model, guide) -> Callable[[], torch.Tensor]:
+    """The particles' normalised importance weights ``(K, B)``, read from the traced ``model`` and
+    ``guide`` (``poutine.trace`` handlers) when called: in the backward pass, after the draws."""
+
+    def weights() -> torch.Tensor:
+        log_lik, log_ratio = _log_terms(model.trace, guide.trace)
+        log_w = log_lik + log_ratio
+        return torch.softmax(log_w, 0) if log_w.dim() > 1 else torch.ones_like(log_w)
+
+    return weights
+
+
+def objective_backward(cvae: CVAE, batch: Batch, elbo: ELBO, hybrid_weight: float = 0.5,
+                       guide_gradient: GuideGradient = GuideGradient.reparam) -> dict[str, float]:
+    """Accumulate into ``.grad`` the gradient of the variant's loss, a mean over the batch's images,
+    through the Pyro ELBO object ``elbo``; returns its terms per image: ``loss``, ``recon``, ``kl``.
+
+    ``differentiable_loss`` gives the loss of ``Trace_ELBO``/``TraceMeanField_ELBO`` as a tensor;
+    ``RenyiELBO`` has none, and its ``loss_and_grads`` runs the backward pass itself, on the sum
+    over images, so its gradient is scaled afterwards. recon and KL come from the traces of the
+    first term's draws (for meanfield, KL is the closed form: loss - recon). ``guide_gradient``
+    stl or dreg wraps the ELBO call in ``GuidePathGradient``."""
+    args = (batch.x, batch.y, batch.hidden)
+    n = batch.x.shape[0]
+    params = cvae.trainable_parameters()
+    loss, recon, kl = 0.0, 0.0, 0.0
+    for i, (weight, guide) in enumerate(_terms(cvae, hybrid_weight)):
+        if weight == 0:
+            continue
+        model, guide = poutine.trace(cvae.model), poutine.trace(guide)  # keep the draws for recon and KL
+        path_gradient = contextlib.nullcontext()
+        if guide_gradient != GuideGradient.reparam:
+            path_gradient = GuidePathGradient(_normalized_weights(model, guide) if guide_gradient == GuideGradient.dreg else None)
+        with path_gradient:
+            if isinstance(elbo, RenyiELBO):
+                earlier = [p.grad for p in params]
+                for p in params:
+                    p.grad = None
+                term = elbo.loss_and_grads(model, guide, *args)
+                torch._foreach_mul_([p.grad for p in params if p.grad is not None], weight / n)
+                for p, g in zip(params, earlier):
+                    if g is not None:
+                        p.grad = g if p.grad is None else p.grad.add_(g)
+            else:
+                term_tensor = elbo.differentiable_loss(model, guide, *args)
+                (term_tensor * (weight / n)).backward()
+                term = term_tensor.item()
+        loss += weight * term / n
+        if i == 0:
+            closed_form_kl = isinstance(elbo, TraceMeanField_ELBO)  # then KL = loss - recon, nothing to recompute
+            log_lik, log_ratio = _log_terms(model.trace, None if closed_form_kl else guide.trace)
+            particles = log_lik.numel() / n
+            recon = -log_lik.sum().item() / particles / n
+            kl = term / n - recon if closed_form_kl else -log_ratio.sum().item() / particles / n
+    return {"loss": loss, "recon": recon, "kl": kl}
 
 
 def make_optimizer(cvae: CVAE, lr: float) -> torch.optim.Adam:
@@ -74,15 +130,17 @@ def make_optimizer(cvae: CVAE, lr: float) -> torch.optim.Adam:
     return torch.optim.Adam(cvae.trainable_parameters(), lr=lr, fused=True)
 
 
-def train_step(cvae: CVAE, batch: Batch, optimizer: torch.optim.Optimizer, config: "TrainConfig") -> dict[str, float]:
+def train_step(cvae: CVAE, batch: Batch, optimizer: torch.optim.Optimizer, config: "TrainConfig",
+               elbo: ELBO | None = None) -> dict[str, float]:
     """One optimisation step on the per-image mean loss; returns its terms. A non-finite loss
-    leaves the parameters untouched (the caller stops the run)."""
-    terms = objective(cvae, batch, config.hybrid_weight)
+    leaves the parameters untouched (the caller stops the run). ``elbo``: the run's ELBO object
+    (built once by the loop, here when not given)."""
     optimizer.zero_grad(set_to_none=True)
-    terms["loss"].backward()
+    with pyro.validation_enabled(False):  # argument checks cost time, and NaN is caught below
+        elbo = elbo or make_elbo(Elbo(config.elbo), config.particles)
+        values = objective_backward(cvae, batch, elbo, config.hybrid_weight, GuideGradient(config.guide_gradient))
     params = [p for group in optimizer.param_groups for p in group["params"]]
     torch.nn.utils.clip_grad_norm_(params, config.clip_norm, foreach=True)
-    values = {k: v.item() for k, v in terms.items()}
     if math.isfinite(values["loss"]):
         optimizer.step()
     return values
@@ -206,6 +264,7 @@ def _train_loop(config: TrainConfig, run: Run, checkpoint: dict | None, images: 
     if pretrained is not None:
         cvae.baseline_net.load_state_dict(pretrained)
     optimizer = make_optimizer(cvae, config.lr)
+    elbo = make_elbo(Elbo(config.elbo), config.particles)
     epoch, start_batch, step, run_id, metrics = 0, 0, 0, new_run_id(), []
     if checkpoint is not None:
         cvae.load_state_dict(checkpoint["model"])
@@ -238,9 +297,9 @@ def _train_loop(config: TrainConfig, run: Run, checkpoint: dict | None, images: 
     started = time.perf_counter()
     status = Status.finished
     batch_index = start_batch
-    # a diverging run must end in the divergence message, not in a distribution's argument check
     with _Progress(progress, f"{run.path.name}", total, step) as bar, _StopOnInterrupt() as stop, \
-            pyro.validation_enabled(False):
+            warnings.catch_warnings():
+        warnings.filterwarnings("ignore", "Encountered NaN", UserWarning)  # the loop says so itself, below
         try:
             while epoch < config.epochs:
                 sums = {"loss": 0.0, "recon": 0.0, "kl": 0.0}
@@ -251,7 +310,7 @@ def _train_loop(config: TrainConfig, run: Run, checkpoint: dict | None, images: 
                 batch_index = start_batch
                 for batch in epoch_batches(images, config.batch_size, epoch, config.seed, config.mask, config.inputs,
                                            start=start_batch):
-                    values = train_step(cvae, batch, optimizer, config)
+                    values = train_step(cvae, batch, optimizer, config, elbo)
                     if not math.isfinite(values["loss"]):
                         raise _Diverged(step, epoch, values["loss"])
                     step += 1
@@ -267,7 +326,8 @@ def _train_loop(config: TrainConfig, run: Run, checkpoint: dict | None, images: 
                 if count:
                     seconds = time.perf_counter() - epoch_start
                     record = {"epoch": epoch, "step": step, **{k: v / count for k, v in sums.items()},
-                              "seconds": round(seconds, 2), "steps_per_s": round(count / max(seconds, 1e-9), 2)}
+                              "seconds": round(seconds, 2), "steps_per_s": round(count / max(seconds, 1e-9), 2),
+                              "elbo": config.elbo, "particles": config.particles, "guide_gradient": config.guide_gradient}
                     metrics = [*metrics, record]
                 save(epoch, 0)
                 if count and not progress:

@@ -1,18 +1,21 @@
-"""Time a training step: plain PyTorch (the reference implementation's way) against ours.
+"""Time a training step: plain PyTorch (the reference implementation's way) against Pyro's ELBOs.
 
     python scripts/bench_train.py                 # joint-scratch, batch 32, 2 threads
-    python scripts/bench_train.py --threads 1 --steps 300
+    python scripts/bench_train.py --threads 1 --steps 300 --particles 10
 
-Both steps train the same nets from the same initial weights on the same MNIST batches:
+Every route trains the same nets from the same initial weights on the same MNIST batches:
 
 (a) plain PyTorch, written the way the reference implementation writes it: the four MLPs
     called directly, BCE on the hidden pixels plus the analytic Gaussian KL, torch.optim.Adam
     with its defaults, clip_grad_norm_ at 1.0 on the per-image mean loss;
-(b) ours: ``pyro_cvae.train.train_step``, the Pyro model and guide traced and replayed, the
-    same objective, one fused Adam, the same clipping.
+(b) the same plain step with our optimizer (one fused Adam): the fair yardstick for Pyro's cost;
+(c) ours, default: ``pyro_cvae.train.train_step`` through ``TraceMeanField_ELBO`` (same
+    objective as (a) and (b), fused Adam, the same clipping);
+(d) ours, ``--elbo iwae``: ``RenyiELBO(alpha=0)`` with K particles (``--particles``, and
+    ``--guide-gradient``), the same step otherwise.
 
-Rounds alternate (a) and (b) so that both see the same machine state. Prints ms/step for
-each, the ratio (b)/(a), and what a 20-epoch run of 37,500 steps would take.
+Rounds alternate the routes so that all see the same machine state. Prints ms/step for each,
+the ratios to (b), and what a 20-epoch run of 37,500 steps would take.
 """
 
 from __future__ import annotations
@@ -25,10 +28,10 @@ import time
 import torch
 import torch.nn.functional as F
 
-from pyro_cvae.data import epoch_batches, load_split
-from pyro_cvae.model import CVAE, get_variant
 from pyro_cvae.config import TrainConfig
-from pyro_cvae.train import make_optimizer, train_step
+from pyro_cvae.data import epoch_batches, load_split
+from pyro_cvae.model import CVAE, Elbo, get_variant
+from pyro_cvae.train import make_elbo, make_optimizer, train_step
 
 
 def plain_loss(cvae: CVAE, x, y, hidden) -> torch.Tensor:
@@ -47,9 +50,11 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--variant", default="joint-scratch", choices=["joint-scratch", "joint-pretrained"])
     p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--steps", type=int, default=200, help="steps per round and per implementation")
+    p.add_argument("--steps", type=int, default=200, help="steps per round and per route")
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--particles", type=int, default=10, help="K of the iwae route")
+    p.add_argument("--guide-gradient", default="dreg", choices=["reparam", "stl", "dreg"], help="of the iwae route")
     p.add_argument("--data-dir", default=None)
     args = p.parse_args()
     torch.set_num_threads(args.threads)
@@ -57,24 +62,37 @@ def main() -> None:
 
     images, _ = load_split("train", args.data_dir, limit=args.batch_size * (args.steps + 20))
     batches = list(epoch_batches(images, args.batch_size, epoch=0, seed=0))
-    config = TrainConfig(variant=args.variant, batch_size=args.batch_size)
+    meanfield = TrainConfig(variant=args.variant, batch_size=args.batch_size)
+    iwae = TrainConfig(variant=args.variant, batch_size=args.batch_size, elbo="iwae", particles=args.particles,
+                       guide_gradient=args.guide_gradient)
 
-    ours = CVAE(get_variant(args.variant))
-    plain = copy.deepcopy(ours)
-    ours_opt = make_optimizer(ours, config.lr)
-    plain_params = plain.trainable_parameters()
-    plain_opt = torch.optim.Adam(plain_params, lr=config.lr)
+    initial = CVAE(get_variant(args.variant))
 
-    def plain_step(b):
-        loss = plain_loss(plain, b.x, b.y, b.hidden)
-        plain_opt.zero_grad()
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(plain_params, config.clip_norm)
-        plain_opt.step()
-        return loss.item()
+    def plain_route(fused: bool):
+        cvae = copy.deepcopy(initial)
+        params = cvae.trainable_parameters()
+        optimizer = make_optimizer(cvae, meanfield.lr) if fused else torch.optim.Adam(params, lr=meanfield.lr)
 
-    def ours_step(b):
-        return train_step(ours, b, ours_opt, config)["loss"]
+        def step(b):
+            loss = plain_loss(cvae, b.x, b.y, b.hidden)
+            optimizer.zero_grad()
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(params, meanfield.clip_norm)
+            optimizer.step()
+
+        return step
+
+    def pyro_route(config: TrainConfig):
+        cvae = copy.deepcopy(initial)
+        optimizer, elbo = make_optimizer(cvae, config.lr), make_elbo(Elbo(config.elbo), config.particles)
+        return lambda b: train_step(cvae, b, optimizer, config, elbo)
+
+    routes = {
+        "(a) plain PyTorch, default Adam": plain_route(fused=False),
+        "(b) plain PyTorch, fused Adam": plain_route(fused=True),
+        "(c) Pyro TraceMeanField_ELBO": pyro_route(meanfield),
+        f"(d) Pyro RenyiELBO K={args.particles} {args.guide_gradient}": pyro_route(iwae),
+    }
 
     def timed(step, bs) -> float:
         start = time.perf_counter()
@@ -83,21 +101,20 @@ def main() -> None:
         return (time.perf_counter() - start) / len(bs) * 1000
 
     warm, timed_batches = batches[:20], batches[20 : 20 + args.steps]
-    timed(plain_step, warm)
-    timed(ours_step, warm)
-    plain_ms, ours_ms = [], []
+    for step in routes.values():
+        timed(step, warm)
+    ms = {name: [] for name in routes}
     for _ in range(args.rounds):
-        plain_ms.append(timed(plain_step, timed_batches))
-        ours_ms.append(timed(ours_step, timed_batches))
-    a, b = statistics.median(plain_ms), statistics.median(ours_ms)
+        for name, step in routes.items():
+            ms[name].append(timed(step, timed_batches))
+    median = {name: statistics.median(v) for name, v in ms.items()}
+    yardstick = median["(b) plain PyTorch, fused Adam"]
     steps = 37_500
     print(f"{args.variant}, batch {args.batch_size}, {args.threads} thread(s), {args.steps} steps x {args.rounds} rounds "
-          f"(median of rounds)")
-    print(f"(a) plain PyTorch step : {a:6.2f} ms   rounds {', '.join(f'{m:.2f}' for m in plain_ms)}")
-    print(f"(b) pyro-cvae step     : {b:6.2f} ms   rounds {', '.join(f'{m:.2f}' for m in ours_ms)}")
-    print(f"ratio (b)/(a)          : {b / a:6.3f}")
-    print(f"20 epochs ({steps} steps): plain {a * steps / 60000:.1f} min, ours {b * steps / 60000:.1f} min; "
-          f"epoch: plain {a * 1875 / 1000:.0f} s, ours {b * 1875 / 1000:.0f} s")
+          f"(median of rounds; ratios to (b))")
+    for name, m in median.items():
+        print(f"{name:<40} {m:6.2f} ms  x{m / yardstick:5.3f}  20 epochs {m * steps / 60000:5.1f} min   "
+              f"rounds {', '.join(f'{r:.2f}' for r in ms[name])}")
 
 
 if __name__ == "__main__":

@@ -230,10 +230,11 @@ def test_ctrl_c_while_the_command_starts_is_one_line(tmp_path):
 # ------------------------------------------------------------------ messages that say what is wrong
 
 
-def test_a_diverging_lr_gives_the_divergence_message(tmp_path):
+def test_a_diverging_lr_gives_the_divergence_message(tmp_path, recwarn):
     run_dir = tmp_path / "runs" / "no-baseline"
     with pytest.raises(RunError, match=r"loss became nan .*no checkpoint had been written.*smaller --lr") as e:
         train_tiny(run_dir, "no-baseline", lr=1e30)
+    assert not [w for w in recwarn if "NaN" in str(w.message)], "no warning before the message"
     assert "tensor" not in str(e.value) and not run_dir.exists()
 
 

@@ -58,6 +58,34 @@ def test_resume_continues_exactly_where_it_stopped(tmp_path):
     assert all(torch.equal(sa[k]["exp_avg"], sb[k]["exp_avg"]) for k in sa)
 
 
+def test_the_elbo_is_part_of_the_run(tmp_path):
+    run_dir = tmp_path / "runs" / "joint-scratch"
+    train_tiny(run_dir, elbo="iwae")
+    config = json.loads((run_dir / "config.json").read_text())
+    assert config["elbo"] == "iwae" and config["particles"] == 5 and config["guide_gradient"] == "reparam"
+    record = json.loads((run_dir / "metrics.jsonl").read_text().splitlines()[-1])
+    assert record["elbo"] == "iwae" and record["particles"] == 5
+    assert record["recon"] > 0 and record["kl"] > 0 and record["loss"] < record["recon"] + record["kl"]  # a tighter bound
+    with pytest.raises(RunError, match=r"elbo: 'iwae' there, 'meanfield' asked"):
+        train_tiny(run_dir, epochs=2, elbo="meanfield")
+    assert train_tiny(run_dir, epochs=2, elbo="iwae", particles=5).steps == 8  # the same objective resumes
+
+
+@pytest.mark.parametrize(
+    "options,message",
+    [
+        ({"variant": "baseline", "elbo": "iwae"}, "no latent variable"),
+        ({"elbo": "meanfield", "guide_gradient": "stl"}, "needs a Monte Carlo KL"),
+        ({"elbo": "trace", "guide_gradient": "dreg"}, "use it with --elbo iwae"),
+        ({"elbo": "iwae", "particles": 0}, "--particles must be at least 1"),
+        ({"elbo": "renyi"}, "--elbo must be one of meanfield, trace, iwae"),
+    ],
+)
+def test_objectives_that_do_not_apply_are_refused(options, message):
+    with pytest.raises(ValueError, match=message):
+        TrainConfig(**options).validate()
+
+
 def test_a_different_run_in_the_same_directory_is_refused(tmp_path):
     run_dir = tmp_path / "runs" / "joint-scratch"
     train_tiny(run_dir)
@@ -69,17 +97,17 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, monk
     run_dir = tmp_path / "runs" / "joint-scratch"
     train_tiny(run_dir, epochs=1)
     good = torch.load(run_dir / CHECKPOINT, weights_only=False)
-    real = train_mod.objective
+    real = train_mod.objective_backward
     calls = {"n": 0}
 
     def exploding(*args, **kwargs):
         calls["n"] += 1
         terms = real(*args, **kwargs)
         if calls["n"] == 2:
-            terms["loss"] = terms["loss"] * float("nan")
+            terms["loss"] = float("nan")
         return terms
 
-    monkeypatch.setattr(train_mod, "objective", exploding)
+    monkeypatch.setattr(train_mod, "objective_backward", exploding)
     with pytest.raises(RunError, match=r"loss became nan at step 5 .*last good checkpoint"):
         train_tiny(run_dir, epochs=2)
     kept = torch.load(run_dir / CHECKPOINT, weights_only=False)
