@@ -9,12 +9,11 @@ from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
-from rich.console import Console
 from rich.markup import escape
-from rich.table import Table
 
 from . import data as data_lib
 from .config import EvalConfig, Mask, SampleConfig, Split, TrainConfig
+from .console import Column, Progress, console, errors, print_table
 from .estimators import GuideGradient
 from .model import VARIANTS, Elbo
 
@@ -23,8 +22,6 @@ app = typer.Typer(
     no_args_is_help=True,
     help="Conditional VAE (Sohn, Lee & Yan 2015) in Pyro: predict hidden MNIST quadrants, measure NCLL.",
 )
-console = Console()
-errors = Console(stderr=True)
 
 VariantName = enum.Enum("VariantName", {name: name for name in VARIANTS}, type=str)
 
@@ -63,11 +60,11 @@ def _friendly(fn):
         try:
             return fn(*args, **kwargs)
         except (DataError, RunError, ValueError, OSError) as e:
-            errors.print(f"[bold red]error:[/] {escape(str(e))}", highlight=False, soft_wrap=True)
+            errors.print(f"[bold red]error:[/] {escape(str(e))}", highlight=False)
             raise typer.Exit(2 if isinstance(e, OptionError) else 1) from None
         except KeyboardInterrupt:
             errors.print("[bold red]interrupted[/] (Ctrl-C) before a checkpoint could be saved; nothing was "
-                         "half-written: run the same command to start again or resume.", highlight=False, soft_wrap=True)
+                         "half-written: run the same command to start again or resume.", highlight=False)
             raise typer.Exit(130) from None
 
     return wrapper
@@ -84,12 +81,9 @@ def _threads(threads: int | None) -> None:
 def data_cmd(data_dir: DataDir = None) -> None:
     """Find and verify MNIST (checksums of the uncompressed files); print what was found."""
     statuses = data_lib.check(data_dir)
-    table = Table(title=f"MNIST in {data_lib.resolve_data_dir(data_dir)}")
-    for col in ("file", "items", "md5", "path"):
-        table.add_column(col)
-    for s in statuses:
-        table.add_row(s.stem, str(s.count), f"[green]OK[/] ({s.checksum})", str(s.path))
-    console.print(table)
+    print_table(f"MNIST in {escape(str(data_lib.resolve_data_dir(data_dir)))}",
+                [Column("file", whole=True), Column("items", justify="right"), Column("md5"), Column("path", whole=True)],
+                [[s.stem, str(s.count), f"[green]OK[/] ({s.checksum})", escape(str(s.path))] for s in statuses])
     counts = {s.stem: s.count for s in statuses}
     console.print(f"train: {counts['train-images-idx3-ubyte']} images, test: {counts['t10k-images-idx3-ubyte']} images")
 
@@ -97,13 +91,11 @@ def data_cmd(data_dir: DataDir = None) -> None:
 @app.command("variants")
 def variants_cmd() -> None:
     """List the variants: what each changes, and the reference implementation's NCLL."""
-    table = Table(title="Variants")
-    for col in ("variant", "what changes", "reference config", "reference NCLL"):
-        table.add_column(col)
-    for v in VARIANTS.values():
-        ref = f"{v.reference_ncll:.3f}" if v.reference_ncll is not None else "-"
-        table.add_row(v.name, v.summary, v.reference_config or "(paper)", ref)
-    console.print(table)
+    columns = [Column("variant", whole=True), Column("what changes"), Column("reference config", whole=True),
+               Column("reference NCLL (train)", justify="right")]
+    rows = [[v.name, escape(v.summary), v.reference_config or "(paper)",
+             f"{v.reference_ncll:.3f}" if v.reference_ncll is not None else "-"] for v in VARIANTS.values()]
+    print_table("Variants", columns, rows)
 
 
 @app.command("train")
@@ -157,30 +149,53 @@ def evaluate_cmd(
     limit: Annotated[Optional[int], typer.Option(help="Evaluate the first N images only.")] = EvalConfig.limit,
     batch_size: Annotated[int, typer.Option(help="Images per chunk; with S particles each, 5,000 rows fit the CPU cache best.")] = EvalConfig.batch_size,
     seed: Seed = EvalConfig.seed,
+    force: Annotated[bool, typer.Option(help="With no run named: evaluate again runs whose saved evaluation is current.")] = False,
     mask: RunMask = None,
     inputs: RunInputs = None,
     data_dir: DataDir = None,
     device: DeviceOpt = Device.auto,
     threads: Threads = None,
 ) -> None:
-    """NCLL of a trained run by importance sampling; printed and saved to the run directory."""
-    from .evaluate import evaluate_run
+    """NCLL of a trained run by importance sampling, printed and saved in the run directory; with
+    no run named, of every trained run in RUNS_DIR, in one table."""
+    from .evaluate import evaluate_run, evaluate_runs
     from .runs import select_run
 
     _threads(threads)
     EvalConfig(samples, split, limit, batch_size, seed).validate()
     target = select_run(run_dir, runs_dir, variant and variant.value, mask, inputs)
-    with console.status(f"evaluating {target} on {split.value} with S={samples}"):
-        r = evaluate_run(target, samples=samples, split=split.value, limit=limit, batch_size=batch_size, seed=seed,
-                         data_dir=data_dir, device=device.value, log=console.print)
-    table = Table(title=f"NCLL of {r.variant} ({target})")
-    for col in ("split", "images", "S", "NCLL (nats)", "± SE", "mean ESS", "epochs", "seconds"):
-        table.add_column(col, justify="right")
-    table.add_row(r.split, str(r.images), str(r.samples), f"{r.ncll:.3f}", f"{r.ncll_se:.3f}",
-                  f"{r.ess_mean:.1f}", str(r.epochs), f"{r.seconds:.1f}")
-    console.print(table)
-    console.print(f"masks: {r.mask}{'' if r.inputs is None else f' ({r.inputs} visible)'}, seed {r.seed}; "
-                  f"proposal: {r.proposal}; saved {r.path}")
+    options = dict(samples=samples, split=split.value, limit=limit, batch_size=batch_size, seed=seed, data_dir=data_dir,
+                   device=device.value, log=console.print)
+    with Progress(target.name if target else "evaluating", total=0, unit="images", transient=True) as bar:
+        if target is not None:
+            results = [(evaluate_run(target, **options, progress=lambda done, total: bar.update(done, total=total)), False)]
+        else:
+            results = evaluate_runs(runs_dir, force=force, **options,
+                                    progress=lambda done, total, name: bar.update(done, name, total=total))
+    _print_evaluations(results, split.value)
+    if target is not None:
+        r = results[0][0]
+        console.print(f"masks: {r.mask}{'' if r.inputs is None else f' ({r.inputs} visible)'}, seed {r.seed}; "
+                      f"proposal: {r.proposal}; saved {escape(str(r.path))}", highlight=False)
+
+
+def _print_evaluations(results, split: str) -> None:
+    """One table of evaluations (and whether each was a saved one), each beside the outside figure
+    measured the same way, if any."""
+    from .references import reference_for
+
+    rows = []
+    for r, reused in results:
+        ref = reference_for(r.variant, r.mask, r.inputs, split)
+        compared = [f"{ref.ncll:.2f}", f"{r.ncll - ref.ncll:+.2f}", ref.source.value] if ref else ["-"] * 3
+        rows.append([escape(Path(r.run_dir).name), str(r.epochs), str(r.images), str(r.samples),
+                     f"{r.ncll:.2f} ± {r.ncll_se:.2f}", *compared, f"{r.ess_mean:.1f}",
+                     f"{r.seconds:.1f}" + (" (saved)" if reused else "")])
+    columns = [Column("run", whole=True), Column("epochs", justify="right"), Column("images", justify="right"),
+               Column("S", justify="right"), Column("NCLL ± SE (nats)", justify="right"),
+               Column("reference", justify="right"), Column("− reference", justify="right"), Column("reference from"),
+               Column("ESS", justify="right"), Column("seconds", justify="right")]
+    print_table(f"NCLL of the hidden pixels, {split} images (lower is better)", columns, rows)
 
 
 @app.command("sample")
@@ -190,27 +205,31 @@ def sample_cmd(
     run_dir: RunDir = None,
     runs_dir: RunsDir = Path("runs"),
     num_images: Annotated[int, typer.Option(help="Images, one column each: the first N of the split.")] = SampleConfig.num_images,
-    num_samples: Annotated[int, typer.Option(help="CVAE completions per image, one row each.")] = SampleConfig.num_samples,
+    num_samples: Annotated[Optional[int], typer.Option(help=f"CVAE completions per image, one row each (default: {SampleConfig.num_samples} for one run, 3 per run when comparing).")] = None,
     split: Annotated[Split, typer.Option(help="Images to complete.")] = SampleConfig.split,
     seed: Seed = SampleConfig.seed,
-    out: Annotated[Optional[Path], typer.Option(help="PNG to write (default: in the run directory).")] = None,
+    out: Annotated[Optional[Path], typer.Option(help="PNG to write (default: in the run directory, or in RUNS_DIR comparing every run).")] = None,
     mask: RunMask = None,
     inputs: RunInputs = None,
     data_dir: DataDir = None,
     device: DeviceOpt = Device.auto,
     threads: Threads = None,
 ) -> None:
-    """A PNG grid of a trained run: input | truth | baseline | CVAE samples, a column per image."""
+    """A PNG grid of a trained run: input | truth | baseline | CVAE samples, a column per image;
+    with no run named, one picture comparing every trained run in RUNS_DIR on the same digits."""
     from .runs import select_run
-    from .sample import sample_grid
+    from .sample import compare_runs, sample_grid
 
     _threads(threads)
     SampleConfig(num_images, num_samples, split, seed).validate()
     target = select_run(run_dir, runs_dir, variant and variant.value, mask, inputs)
-    # the baseline row, for a run without a baseline net, comes from a finished baseline run beside it
-    path = sample_grid(target, num_images=num_images, num_samples=num_samples, split=split.value, seed=seed, out=out,
-                       data_dir=data_dir, device=device.value)
-    console.print(f"wrote {path}")
+    options = dict(num_images=num_images, split=split.value, seed=seed, out=out, data_dir=data_dir, device=device.value)
+    if target is None:
+        paths = compare_runs(runs_dir, num_samples=num_samples or 3, **options)
+    else:  # the baseline row, for a run without a baseline net, comes from a finished baseline run beside it
+        paths = [sample_grid(target, num_samples=num_samples or SampleConfig.num_samples, **options)]
+    for path in paths:
+        console.print(f"wrote {escape(str(path))}", highlight=False)
 
 
 @app.command("plot")
@@ -222,6 +241,6 @@ def plot_cmd(
     """Training curves of every run in RUNS_DIR and, where evaluated, test NCLL beside the reference's."""
     from .plots import plot_runs
 
-    console.print(f"wrote {plot_runs(runs_dir, out)}")
+    console.print(f"wrote {escape(str(plot_runs(runs_dir, out)))}", highlight=False)
 
 

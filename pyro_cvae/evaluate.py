@@ -23,8 +23,8 @@ import torch
 
 from .config import EvalConfig, require_at_least_one, resolve_device
 from .data import evaluation_masks, load_split, visible_input
-from .model import CVAE, Proposal
-from .runs import Run, RunError
+from .model import CVAE, Proposal, get_variant
+from .runs import Run, RunError, require_trained_runs
 
 
 def _log_prob_per_image(trace) -> torch.Tensor:
@@ -52,13 +52,15 @@ def ncll_per_image(
     samples: int = 100,
     image_batch: int = 50,
     max_rows: int = 5_000,
+    progress: Callable[[int], None] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """NCLL ``(N,)`` and effective sample size ``(N,)`` of each image ``(N, 784)``.
 
     Work is chunked: ``image_batch`` images at a time and, within those, as many particles as
     keep ``particles * images <= max_rows``, so memory is bounded whatever S is (chunks of
     about 5,000 rows stay in the CPU's cache: 30% faster than 25,000 here). Chunks of
-    particles are combined exactly with a running logsumexp."""
+    particles are combined exactly with a running logsumexp. ``progress`` is told the number of
+    images done after each chunk."""
     require_at_least_one(samples=samples)
     samples = cvae.variant.importance_samples(samples)
     ncll, ess = [], []
@@ -74,6 +76,8 @@ def ncll_per_image(
             lse2 = torch.logaddexp(lse2, (2 * lw).logsumexp(0))
         ncll.append(math.log(samples) - lse)
         ess.append(torch.exp(2 * lse - lse2))  # (sum w)^2 / sum w^2
+        if progress is not None:
+            progress(start + len(y))
     return torch.cat(ncll), torch.cat(ess)
 
 
@@ -95,8 +99,8 @@ class Evaluation:
     proposal: str
     seed: int
     seconds: float
-    step: int  # of the checkpoint evaluated: the result counts while that checkpoint is the run's
-    run_id: str | None
+    step: int | None = None  # of the checkpoint evaluated: the result counts while that checkpoint is the run's
+    run_id: str | None = None
     path: str | None = None  # where it was saved
 
 
@@ -111,10 +115,12 @@ def evaluate_run(
     device: str | torch.device = "auto",
     images: torch.Tensor | None = None,
     log: Callable[[str], None] = print,
+    progress: Callable[[int, int], None] | None = None,
 ) -> Evaluation:
     """Evaluate a trained run and write its results file (one per split, S, image count and
-    seed). ``images`` replaces the MNIST split (tests). A result that cannot be saved is a
-    ``RunError`` whose message holds the NCLL."""
+    seed). ``images`` ``(N, 784)`` replaces the MNIST split; ``progress`` is told (images done,
+    images in all) as the work goes. A result that cannot be saved is a ``RunError`` whose
+    message holds the NCLL."""
     split = EvalConfig(samples=samples, split=split, limit=limit, batch_size=batch_size, seed=seed).validate().split.value
     device = resolve_device(device) if isinstance(device, str) else device
     run = Run(run_dir)
@@ -134,7 +140,9 @@ def evaluate_run(
         log("note: this run has no recognition net: the prior p(z|x) is the importance proposal.")
     pyro.set_rng_seed(seed)
     started = time.perf_counter()
-    ncll, ess = ncll_per_image(cvae, images.to(device), hidden.to(device), samples, image_batch=batch_size)
+    report = None if progress is None else lambda done: progress(done, len(images))
+    ncll, ess = ncll_per_image(cvae, images.to(device), hidden.to(device), samples, image_batch=batch_size,
+                               progress=report)
     seconds = time.perf_counter() - started
     result = Evaluation(
         run_dir=str(run.path), variant=config.variant, epochs=int(checkpoint["epoch"]), split=split,
@@ -153,3 +161,55 @@ def evaluate_run(
                        f"could not be saved in {run.path} ({type(e).__name__}: {e}); free space or fix its permissions "
                        "and evaluate again.") from None
     return result
+
+
+def saved_evaluation(run_dir: str | Path, split: str, samples: int, limit: int | None, seed: int) -> Evaluation | None:
+    """The run's saved evaluation with these options (S as drawn), if it is of its present weights."""
+    record = Run(run_dir).current_evaluation(split, samples, limit, seed)
+    try:
+        return Evaluation(**record) if record is not None else None
+    except TypeError:  # a record of another shape
+        return None
+
+
+def evaluate_runs(
+    runs_dir: str | Path,
+    samples: int = EvalConfig.samples,
+    split: str = EvalConfig.split.value,
+    limit: int | None = EvalConfig.limit,
+    batch_size: int = EvalConfig.batch_size,
+    seed: int = EvalConfig.seed,
+    force: bool = False,
+    data_dir: str | Path | None = None,
+    device: str | torch.device = "auto",
+    images: torch.Tensor | None = None,
+    log: Callable[[str], None] = print,
+    progress: Callable[[int, int, str], None] | None = None,
+) -> list[tuple[Evaluation, bool]]:
+    """Evaluate every trained run in ``runs_dir`` (``runs.trained_runs``), reusing a saved
+    evaluation that is still current unless ``force``: (evaluation, whether it was reused) per
+    run. ``progress`` is told (images done, images in all, run name) over all the runs to do."""
+    split = EvalConfig(samples=samples, split=split, limit=limit, batch_size=batch_size, seed=seed).validate().split.value
+    runs = require_trained_runs(runs_dir)
+    if images is None:
+        images, _ = load_split(split, data_dir)
+    if limit is not None and limit >= len(images):
+        limit = None  # the whole split, as evaluate_run names it
+    count = limit if limit is not None else len(images)
+    results: dict[Path, tuple[Evaluation, bool]] = {}
+    for run_dir, config in runs:
+        saved = None if force else saved_evaluation(
+            run_dir, split, get_variant(config.variant).importance_samples(samples), limit, seed)
+        if saved is not None:
+            results[run_dir] = (saved, True)
+    to_do = [run_dir for run_dir, _ in runs if run_dir not in results]
+    for k, run_dir in enumerate(to_do):
+        def report(done: int, _: int, before: int = k * count, name: str = run_dir.name) -> None:
+            progress(before + done, len(to_do) * count, name)
+
+        result = evaluate_run(run_dir, samples=samples, split=split, limit=limit, batch_size=batch_size, seed=seed,
+                              device=device, images=images, log=log, progress=report if progress else None)
+        log(f"{run_dir.name}: NCLL {result.ncll:.3f} ± {result.ncll_se:.3f} on {result.images} {split} images "
+            f"({result.seconds:.1f} s)")
+        results[run_dir] = (result, False)
+    return [results[run_dir] for run_dir, _ in runs]

@@ -125,6 +125,7 @@ VARIANTS: dict[str, Variant] = {
 
 
 def get_variant(name: str) -> Variant:
+    """The registry entry of a variant name; a ValueError lists the valid names."""
     try:
         return VARIANTS[name]
     except KeyError:

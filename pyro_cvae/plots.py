@@ -1,4 +1,4 @@
-"""Training curves and NCLL bars of every run in a runs directory, as one PNG; and the one way
+"""Training curves and NCLL points of every run in a runs directory, as one PNG; and the one way
 this package writes a matplotlib figure to a PNG file (Agg, atomically).
 
 Figures are built with ``matplotlib.figure.Figure`` and drawn by the Agg canvas directly, never
@@ -16,8 +16,7 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
 from .atomic import atomic_write_bytes
-from .config import Mask
-from .model import VARIANTS
+from .references import Source, reference_for
 from .runs import Run, runs_in
 
 DPI = 128  # a power of two: pixel sizes / DPI * DPI are exact, so a figure's pixel size is what was asked
@@ -34,19 +33,56 @@ def save_png(fig: Figure, path: str | Path) -> Path:
     return path
 
 
-def _reference(run: Run, variant: str) -> float | None:
-    """The reference implementation's NCLL, which only applies to runs on its random masks."""
-    v = VARIANTS.get(variant)
+def _masks(run: Run) -> tuple[str, int | None]:
     try:
-        mask = run.config().mask
-    except Exception:  # a run being written, or not one of ours: no reference bar
-        return None
-    return v.reference_ncll if v is not None and mask is Mask.random else None
+        config = run.config()
+        return config.mask, config.inputs
+    except Exception:  # a run being written, or not one of ours: no outside figure for it
+        return "random", None
+
+
+# how each outside figure is drawn beside ours: marker, colour, legend
+REFERENCE_STYLE = {
+    Source.TABLE: ("D", "tab:purple", "reference implementation's table (its training images)"),
+    Source.CODE: ("s", "tab:red", "reference implementation's code, run on this machine"),
+    Source.PYRO_TUTORIAL: ("^", "tab:green", "Pyro's CVAE tutorial (fixed quadrants, a bound)"),
+}
+
+
+def _ncll_panel(ax, runs: list[Run], split: str) -> None:
+    """Our NCLL on ``split`` as points with standard-error bars, a row per run (``runs``, top to
+    bottom), each beside the outside figure measured on the same split and masks; the axis spans
+    the data, not from zero, so that differences of a nat show."""
+    evaluations = {i: e for i, run in enumerate(runs) if (e := run.best_evaluation(split)) is not None}
+    # S of the sampled runs (a deterministic one is exact with S=1) and image counts, in the title when shared
+    samples = {e["samples"] for e in evaluations.values() if e["samples"] > 1}
+    images = {e.get("images") for e in evaluations.values()}
+    for i, e in evaluations.items():
+        se = e.get("ncll_se")
+        se = se if se is not None and math.isfinite(se) else 0.0
+        ax.errorbar(e["ncll"], i - 0.15, xerr=se or None, fmt="o", color="tab:blue", capsize=3,
+                    label="this project (± 1 standard error)")
+        text = f"{e['ncll']:.2f}" + (f" ± {se:.2f}" if se else "")
+        if len(samples) > 1 or len(images) > 1:
+            text += f" (S={e['samples']}, {e.get('images', '?')} images)"
+        ax.annotate(text, (e["ncll"], i - 0.15), xytext=(8, 0), textcoords="offset points", va="center",
+                    fontsize="small", color="tab:blue")
+        reference = reference_for(e.get("variant", runs[i].path.name), *_masks(runs[i]), split)
+        if reference is not None:
+            marker, colour, label = REFERENCE_STYLE[reference.source]
+            ax.plot(reference.ncll, i + 0.15, marker=marker, color=colour, linestyle="none", label=label)
+            ax.annotate(f"{reference.ncll:.2f} ({e['ncll'] - reference.ncll:+.2f})", (reference.ncll, i + 0.15),
+                        xytext=(8, 0), textcoords="offset points", va="center", fontsize="small", color=colour)
+    shared = [f"S={s}" for s in samples if len(samples) == 1] + [f"{n} images" for n in images if len(images) == 1 and n]
+    ax.set(title=f"{split} images" + (f" ({', '.join(shared)})" if shared else ""), xlabel="NCLL (nats per image)")
+    ax.margins(x=0.3)  # room for the numbers right of the points
+    ax.grid(axis="x", alpha=0.3)
 
 
 def plot_runs(runs_dir: str | Path = "runs", out: str | Path | None = None) -> Path:
-    """Training curves (loss, recon, kl per epoch, a line per run) and, where runs have test
-    evaluations, their NCLL with standard-error bars beside the reference's, as one PNG.
+    """Training curves (loss, recon, kl per epoch, a line per run) and, for each split with
+    evaluations, NCLL points with standard-error bars beside the outside figures measured on
+    that split (``references``), as one PNG.
 
     Default output: ``<runs_dir>/plots.png``."""
     runs_dir = Path(runs_dir)
@@ -54,12 +90,13 @@ def plot_runs(runs_dir: str | Path = "runs", out: str | Path | None = None) -> P
     if not runs:
         raise ValueError(f"no runs in {runs_dir} (no sub-folder holds a trained run); train one with: "
                          f"pyro-cvae train --runs-dir {runs_dir}, or point --runs-dir at the right folder.")
-    evaluations = [(run, e) for run in runs if (e := run.best_evaluation("test")) is not None]
+    splits = [split for split in ("test", "train") if any(run.best_evaluation(split) for run in runs)]
+    evaluated = [run for run in runs if any(run.best_evaluation(split) for split in splits)]
 
-    fig = Figure(figsize=(12, 8 if evaluations else 4), dpi=DPI, layout="constrained")
-    grid = fig.add_gridspec(2 if evaluations else 1, len(CURVES))
-    for i, name in enumerate(CURVES):
-        ax = fig.add_subplot(grid[0, i])
+    ncll_height = 1.5 + 0.45 * len(evaluated)
+    fig = Figure(figsize=(12, 4 + (ncll_height if splits else 0)), dpi=DPI, layout="constrained")
+    curves, ncll = fig.subfigures(2, 1, height_ratios=[4, ncll_height]) if splits else (fig, None)
+    for ax, name in zip(curves.subplots(1, len(CURVES)), CURVES):
         for k, run in enumerate(runs):
             records = [r for r in run.read_metrics() if all(k in r for k in CURVES)]
             if records:  # ten colours, then the same ten dashed, then dotted
@@ -68,37 +105,19 @@ def plot_runs(runs_dir: str | Path = "runs", out: str | Path | None = None) -> P
         ax.set(title=f"{name} per image (nats)", xlabel="epoch")
         ax.grid(alpha=0.3)
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-    handles, labels = fig.axes[0].get_legend_handles_labels()
+    handles, labels = ax.get_legend_handles_labels()
     if handles:
-        fig.axes[-1].legend(handles, labels, fontsize="small", loc="upper left", bbox_to_anchor=(1.02, 1))
+        ax.legend(handles, labels, fontsize="small", loc="upper left", bbox_to_anchor=(1.02, 1))
 
-    if evaluations:
-        ax = fig.add_subplot(grid[1, :])
-        width = 0.4
-        for i, (run, e) in enumerate(evaluations):
-            reference = _reference(run, e.get("variant", run.path.name))
-            at = i if reference is None else i - width / 2
-            se = e.get("ncll_se")
-            se = se if se is not None and math.isfinite(se) else 0.0
-            ax.bar(at, e["ncll"], width, yerr=se or None, capsize=3, color="tab:blue",
-                   label="this project (test split)")
-            ax.annotate(f"{e['ncll']:.1f}", (at, e["ncll"] + se), ha="center", va="bottom", fontsize="small",
-                        xytext=(0, 2), textcoords="offset points")
-            if reference is not None:
-                ax.bar(i + width / 2, reference, width, color="tab:gray", label="reference (its train split)")
-                ax.annotate(f"{reference:.1f}", (i + width / 2, reference), ha="center", va="bottom",
-                            fontsize="small", xytext=(0, 2), textcoords="offset points")
-        ax.set_xlim(-0.7, len(evaluations) - 0.3)
-        ax.margins(y=0.1)
-        ticks = [f"{run.path.name} (S={e['samples']}" + (f", {e['images']} images)" if "images" in e else ")")
-                 for run, e in evaluations]
-        ax.set_xticks(range(len(evaluations)), ticks, fontsize="small", rotation=25, ha="right",
-                      rotation_mode="anchor")
-        ax.set(title="NCLL of the hidden pixels (nats per image, lower is better; ± one standard error)",
-               ylabel="NCLL")
-        # one legend entry per kind of bar, however many bars of each
-        handles, labels = ax.get_legend_handles_labels()
-        unique = dict(zip(labels, handles))
-        ax.legend(unique.values(), unique.keys(), fontsize="small")
-        ax.grid(axis="y", alpha=0.3)
+    if ncll is not None:  # test (against the reference's own test figures) beside train
+        panels = ncll.subplots(1, len(splits), sharey=True, squeeze=False)[0]
+        for ax, split in zip(panels, splits):
+            _ncll_panel(ax, evaluated, split)
+        panels[0].set_yticks(range(len(evaluated)), [run.path.name for run in evaluated])
+        panels[0].set_ylim(len(evaluated) - 0.5, -0.5)  # the first run at the top
+        kinds = {}  # one legend entry per kind of point, however many points and panels
+        for ax in panels:
+            kinds.update({name: handle for handle, name in zip(*ax.get_legend_handles_labels())})
+        ncll.legend(kinds.values(), kinds.keys(), loc="outside lower center", ncols=2, fontsize="small")
+        ncll.suptitle("NCLL of the hidden pixels, lower is better, each beside the outside figure measured the same way")
     return save_png(fig, out if out is not None else runs_dir / "plots.png")

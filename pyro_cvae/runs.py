@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import uuid
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -30,13 +29,12 @@ import torch
 
 from .atomic import atomic_write, atomic_write_text, pid_alive, remove_stale_temporaries
 from .config import Mask, OptionError, TrainConfig
-from .model import CVAE, get_variant
+from .model import CVAE, VARIANTS, get_variant
 
 CONFIG = "config.json"
 CHECKPOINT = "checkpoint.pt"
 METRICS = "metrics.jsonl"
 LOCK = "train.lock"
-_FULL_EVALUATION = re.compile(r"^eval-(?P<split>\w+)-S(?P<samples>\d+)\.json$")
 # what a checkpoint must hold, and of which type
 _CHECKPOINT_KEYS = {"model": dict, "optimizer": dict, "epoch": int, "batch": int, "step": int,
                     "rng": torch.Tensor, "config": dict}
@@ -46,12 +44,19 @@ class RunError(RuntimeError):
     """A run directory is missing, unfinished, inconsistent, busy or diverged; the message says what to do."""
 
 
-def run_name(variant: str, mask: Mask | str = Mask.random, inputs: int | None = None) -> str:
-    return variant if Mask(mask) is Mask.random else f"{variant}-fixed{inputs or 1}"
+def run_name(variant: str, mask: Mask | str = Mask.random, inputs: int | None = None, seed: int = 0) -> str:
+    """``joint-scratch``, ``cvae-fixed2``; a training seed other than 0 is named: ``joint-scratch-seed1``."""
+    name = variant if Mask(mask) is Mask.random else f"{variant}-fixed{inputs or 1}"
+    return name if seed == 0 else f"{name}-seed{seed}"
 
 
 def default_run_dir(runs_dir: str | Path, config: TrainConfig) -> Path:
-    return Path(runs_dir) / run_name(config.variant, config.mask, config.inputs)
+    return Path(runs_dir) / run_name(config.variant, config.mask, config.inputs, config.seed)
+
+
+def comparison_path(runs_dir: str | Path, split: str, mask: Mask, inputs: int | None) -> Path:
+    """The picture comparing the runs of one masking protocol, in the runs directory."""
+    return Path(runs_dir) / f"samples-{split}{'' if Mask(mask) is Mask.random else f'-fixed{inputs}'}.png"
 
 
 def baseline_run_dir(runs_dir: str | Path, config: TrainConfig) -> Path:
@@ -60,12 +65,15 @@ def baseline_run_dir(runs_dir: str | Path, config: TrainConfig) -> Path:
 
 
 def select_run(run_dir: Path | None, runs_dir: Path | None, variant: str | None = None,
-               mask: Mask | None = None, inputs: int | None = None) -> Path:
-    """The run a command names: ``run_dir``, or ``runs_dir/<variant>[-fixed<K>]``. Beside a
-    ``run_dir``, a variant, mask or inputs must be what that run holds: they are never ignored."""
+               mask: Mask | None = None, inputs: int | None = None) -> Path | None:
+    """The run a command names: ``run_dir``, or ``runs_dir/<variant>[-fixed<K>]``; None when
+    none is named. Beside a ``run_dir``, a variant, mask or inputs must be what that run holds:
+    they are never ignored."""
     if run_dir is None:
         if variant is None:
-            raise OptionError("name a run: --variant NAME (looked up in --runs-dir) or --run-dir DIR.")
+            if mask is not None or inputs is not None:
+                raise OptionError("--mask and --inputs choose among the runs of a --variant; add --variant NAME.")
+            return None
         if inputs is not None and mask is not Mask.fixed:
             raise OptionError(f"--inputs {inputs} applies to --mask fixed only; drop it or add --mask fixed.")
         return Path(runs_dir or "runs") / run_name(variant, mask or Mask.random, inputs)
@@ -274,11 +282,11 @@ class Run:
         return self._current(self.evaluation_path(split, samples, limit, seed), self._identity())
 
     def best_evaluation(self, split: str) -> dict | None:
-        """The current whole-split, seed-0 evaluation with the most importance samples, if any."""
+        """The current evaluation on ``split`` with the most importance samples, then images
+        (then seed 0's masks), if any."""
         identity = self._identity()
-        found = [r for p in self.path.glob(f"eval-{split}-S*.json")
-                 if _FULL_EVALUATION.match(p.name) and (r := self._current(p, identity)) is not None]
-        return max(found, key=lambda r: r["samples"], default=None)
+        found = [r for p in self.path.glob(f"eval-{split}-S*.json") if (r := self._current(p, identity)) is not None]
+        return max(found, key=lambda r: (r["samples"], r.get("images", 0), r.get("seed") == 0), default=None)
 
     def _identity(self) -> dict | None:
         try:
@@ -310,6 +318,31 @@ def runs_in(runs_dir: str | Path) -> list[Run]:
     return [Run(p) for p in folders if (p / CHECKPOINT).is_file() or (p / CONFIG).is_file()]
 
 
+def trained_runs(runs_dir: str | Path) -> list[tuple[Path, TrainConfig]]:
+    """The runs in ``runs_dir`` with at least one epoch trained, and their configs, in the order
+    of the variant registry (then by name)."""
+    found = []
+    for run in runs_in(runs_dir):
+        try:
+            checkpoint = run.read_checkpoint(mmap=True)
+            if checkpoint["epoch"] > 0:
+                found.append((run.path, run.config(checkpoint)))
+        except (RunError, ValueError):
+            continue
+    order = list(VARIANTS)
+    return sorted(found, key=lambda run: (order.index(run[1].variant) if run[1].variant in order else len(order),
+                                          run[0].name))
+
+
+def require_trained_runs(runs_dir: str | Path) -> list[tuple[Path, TrainConfig]]:
+    """``trained_runs``, or a RunError that says how to train one."""
+    runs = trained_runs(runs_dir)
+    if not runs:
+        raise RunError(f"no trained run in {runs_dir}; train one with: pyro-cvae train --variant joint-scratch "
+                       f"--runs-dir {runs_dir} (or point --runs-dir at the folder that holds your runs).")
+    return runs
+
+
 def new_run_id() -> str:
     """Names one training from scratch: results of a run trained over again do not count for it."""
     return uuid.uuid4().hex
@@ -317,6 +350,7 @@ def new_run_id() -> str:
 
 def load_run(run_dir: str | Path, device: torch.device | str = "cpu", log: Callable[[str], None] | None = None
              ) -> tuple[CVAE, TrainConfig, dict]:
+    """A trained (or partly trained) run: the model with its weights, its config and checkpoint."""
     return Run(run_dir).load(device, log)
 
 

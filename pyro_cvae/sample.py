@@ -14,24 +14,28 @@ had to guess. Completions come from the Pyro model itself, traced under a partic
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import pyro
 import pyro.poutine as poutine
 import torch
 from matplotlib.figure import Figure
+from matplotlib.lines import Line2D
+from matplotlib.textpath import TextPath
 from torchvision.utils import make_grid
 
 from .config import Mask, SampleConfig, require_at_least_one, resolve_device
 from .data import SIDE, evaluation_masks, load_split, visible_input
 from .model import CVAE, Baseline, hidden_pixels
 from .plots import DPI, save_png
-from .runs import Run, baseline_run_dir
+from .runs import Run, baseline_run_dir, comparison_path, require_trained_runs
 
 HIDDEN_COLOUR = (0.33, 0.42, 0.60)  # muted blue: no grey level of ink or paper can be mistaken for it
 PAD = 2  # grey-white lines between the cells of the grid
 SCALE = 3  # screen pixels per image pixel
-LABEL_PX = 150  # left margin for the row labels
+LABEL_PX = 150  # left margin for the row labels, at least
+LABEL_PT = 10  # their font size
 TITLE_PX = 62  # top margin for the three short lines of the title
 MIN_WIDTH_PX = 480  # so that the title fits above a grid of one or two columns
 
@@ -88,22 +92,50 @@ def grid_tensor(rows: list[torch.Tensor], hidden: torch.Tensor) -> torch.Tensor:
     return make_grid(rgb.reshape(-1, 3, SIDE, SIDE), nrow=cells.shape[1], padding=PAD, pad_value=0.85)
 
 
-def render_grid(grid: torch.Tensor, labels: list[str], title: str) -> Figure:
-    """A figure of exactly ``(max(MIN_WIDTH_PX, LABEL_PX + SCALE * W), TITLE_PX + SCALE * H)``
+def _text_px(text: str) -> float:
+    """Width in screen pixels of one line of label text."""
+    return TextPath((0, 0), text, size=LABEL_PT).get_extents().width * DPI / 72 if text else 0.0
+
+
+def render_grid(grid: torch.Tensor, labels: list[str | tuple[str, int]], title: str, separate: bool = False) -> Figure:
+    """A figure of exactly ``(max(MIN_WIDTH_PX, label margin + SCALE * W), TITLE_PX + SCALE * H)``
     pixels: the grid ``(3, H, W)`` with each image pixel a ``SCALE`` x ``SCALE`` block, a label
-    left of each row, the title (three short lines) above."""
+    left of each row, the title (three short lines) above. A label given as (text, k) names a
+    block of k rows; with ``separate``, a line is drawn between blocks. The label margin is
+    ``LABEL_PX``, wider when a label needs it."""
+    blocks = [label if isinstance(label, tuple) else (label, 1) for label in labels]
     _, h, w = grid.shape
-    width, height = max(MIN_WIDTH_PX, LABEL_PX + SCALE * w), TITLE_PX + SCALE * h
+    label_px = max([LABEL_PX] + [math.ceil(_text_px(line)) + 20 for text, _ in blocks for line in text.splitlines()])
+    width, height = max(MIN_WIDTH_PX, label_px + SCALE * w), TITLE_PX + SCALE * h
     fig = Figure(figsize=(width / DPI, height / DPI), dpi=DPI, facecolor="white")
-    ax = fig.add_axes((LABEL_PX / width, 0, SCALE * w / width, SCALE * h / height))
+    ax = fig.add_axes((label_px / width, 0, SCALE * w / width, SCALE * h / height))
     ax.imshow(grid.permute(1, 2, 0).numpy(), interpolation="nearest", aspect="auto")
     ax.set_axis_off()
     cell = SIDE + PAD
-    for i, label in enumerate(labels):
-        y = SCALE * (h - PAD - cell * i - SIDE / 2) / height  # centre of row i, from the bottom
-        fig.text((LABEL_PX - 10) / width, y, label, ha="right", va="center", fontsize=10)
+    first = 0  # the block's first row
+    for text, rows in blocks:
+        y = SCALE * (h - PAD - cell * first - (cell * rows - PAD) / 2) / height  # centre of the block, from the bottom
+        fig.text((label_px - 10) / width, y, text, ha="right", va="center", fontsize=LABEL_PT, multialignment="right")
+        if separate and first > 0:
+            y = SCALE * (h - cell * first - PAD / 2) / height  # middle of the padding above the block
+            fig.add_artist(Line2D([4 / width, 1 - 4 / width], [y, y], color="0.3", linewidth=1.2))
+        first += rows
     fig.text(6 / width, 1 - 6 / height, title, ha="left", va="top", fontsize=8, color="0.25")
     return fig
+
+
+def _first_images(split: str, num_images: int, data_dir, images: torch.Tensor | None) -> tuple[torch.Tensor, int]:
+    """The first ``num_images`` images ``(num_images, 784)`` of ``split`` (or of ``images``, in
+    tests) and the size of the split, over which evaluation draws its masks."""
+    if images is None:
+        images, _ = load_split(split, data_dir)
+    if num_images > len(images):
+        raise ValueError(f"--num-images is {num_images} but the {split} split has {len(images)} images; ask for fewer.")
+    return images[:num_images], len(images)
+
+
+def _masks_text(mask: Mask, inputs: int | None) -> str:
+    return "random masks" if mask is Mask.random else f"fixed masks, {inputs} visible"
 
 
 def sample_grid(
@@ -133,15 +165,11 @@ def sample_grid(
     run_dir = run.path
     cvae, config, checkpoint = run.load(device)
     cvae.eval()
-    if images is None:
-        images, _ = load_split(split, data_dir)
-    if num_images > len(images):
-        raise ValueError(f"--num-images is {num_images} but the {split} split has {len(images)} images; ask for fewer.")
+    images, split_size = _first_images(split, num_images, data_dir, images)
     # masks fixed per image index over the whole split, as evaluation draws them
-    hidden = evaluation_masks(len(images), config.mask, config.inputs, seed)[:num_images].to(device)
-    images = images[:num_images].to(device)
+    hidden = evaluation_masks(split_size, config.mask, config.inputs, seed)[:num_images].to(device)
+    images = images.to(device)
 
-    pyro.set_rng_seed(seed)
     rows, labels = [images, images], ["input", "truth"]
     runs_dir = Path(runs_dir) if runs_dir is not None else run_dir.parent
     baseline = baseline_row(cvae, images, hidden, baseline_run_dir(runs_dir, config), device)
@@ -149,14 +177,59 @@ def sample_grid(
         labels.append(baseline[0])
         rows.append(baseline[1])
     if not cvae.deterministic:
+        pyro.set_rng_seed(seed)  # z draws as in the picture comparing runs
         samples = completions(cvae, images, hidden, num_samples)
         rows.extend(samples)
         labels.extend(f"sample {k + 1}" for k in range(num_samples))
 
-    masks = "random masks" if config.mask is Mask.random else f"fixed masks, {config.inputs} visible"
+    masks = _masks_text(config.mask, config.inputs)
     name = run_dir.name if run_dir.name == config.variant else f"{run_dir.name} ({config.variant})"
     drawn = "pixel probabilities" if cvae.deterministic else "pixel probabilities, z from the prior p(z|x)"
     title = (f"{name}, epoch {checkpoint['epoch']}/{config.epochs}\n"
              f"{split} images 0-{num_images - 1}, {masks}, seed {seed}\n{drawn}")
     fig = render_grid(grid_tensor(rows, hidden), labels, title)
     return save_png(fig, out if out is not None else run.samples_path(split))
+
+
+def compare_runs(
+    runs_dir: str | Path = "runs",
+    num_images: int = SampleConfig.num_images,
+    num_samples: int = 3,
+    split: str = SampleConfig.split.value,
+    seed: int = SampleConfig.seed,
+    out: str | Path | None = None,
+    data_dir: str | Path | None = None,
+    device: str | torch.device = "cpu",
+    images: torch.Tensor | None = None,
+) -> list[Path]:
+    """One picture comparing every trained run in ``runs_dir`` on the same digits: the input and
+    truth rows, then a labelled block per run (one row for a deterministic run, ``num_samples``
+    completions for a CVAE), z draws seeded by ``seed`` for each run alike. Runs on different
+    masks cannot share inputs: a picture per masking protocol, in ``runs_dir`` (``runs.comparison_path``;
+    ``out`` replaces the path when there is one protocol). Returns the paths written."""
+    split = SampleConfig(num_images, num_samples, split, seed).validate().split.value
+    device = resolve_device(device) if isinstance(device, str) else device
+    runs_dir = Path(runs_dir)
+    groups: dict[tuple[Mask, int | None], list[Path]] = {}
+    for run_dir, config in require_trained_runs(runs_dir):
+        groups.setdefault((config.mask, config.inputs), []).append(run_dir)
+    if out is not None and len(groups) > 1:
+        raise ValueError(f"--out names one picture, but the runs in {runs_dir} use {len(groups)} masking protocols "
+                         "(a picture each); leave --out out or name a run with --variant.")
+    images, split_size = _first_images(split, num_images, data_dir, images)
+    images = images.to(device)
+    written = []
+    for (mask, inputs), run_dirs in groups.items():
+        hidden = evaluation_masks(split_size, mask, inputs, seed)[:num_images].to(device)
+        rows, labels = [images, images], ["input", "truth"]
+        for run_dir in run_dirs:
+            cvae, config, checkpoint = Run(run_dir).load(device)
+            pyro.set_rng_seed(seed)  # each run draws as it would alone
+            completed = completions(cvae.eval(), images, hidden, num_samples)
+            rows.extend(completed)
+            labels.append((f"{run_dir.name}\nepoch {checkpoint['epoch']}/{config.epochs}", len(completed)))
+        title = (f"trained runs in {runs_dir}\n{split} images 0-{num_images - 1}, {_masks_text(mask, inputs)}, "
+                 f"seed {seed}\npixel probabilities; a CVAE's rows: {num_samples} draws of z from the prior p(z|x)")
+        fig = render_grid(grid_tensor(rows, hidden), labels, title, separate=True)
+        written.append(save_png(fig, out if out is not None else comparison_path(runs_dir, split, mask, inputs)))
+    return written

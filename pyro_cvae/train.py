@@ -14,11 +14,12 @@ from pathlib import Path
 from typing import Callable
 
 import pyro
-import pyro.poutine as poutine
 import torch
 from pyro.infer import ELBO, RenyiELBO, Trace_ELBO, TraceMeanField_ELBO
+from pyro.poutine.messenger import Messenger
 
 from .config import TrainConfig, resolve_device
+from .console import Progress, StopOnInterrupt
 from .data import Batch, epoch_batches, load_split, steps_per_epoch
 from .estimators import GuideGradient, GuidePathGradient
 from .model import CVAE, Elbo, Objective, get_variant
@@ -55,23 +56,37 @@ def _terms(cvae: CVAE, hybrid_weight: float) -> list[tuple[float, Callable]]:
 
 
 @torch.no_grad()
-def _log_terms(model_trace, guide_trace) -> tuple[torch.Tensor, torch.Tensor]:
+def _log_terms(model: "Draws", guide: "Draws | None") -> tuple[torch.Tensor, torch.Tensor]:
     """log p(y|x,z) and log p(z|x) - log q(z|x,y) of the draws an ELBO used, per particle and image
-    ``(K, B)`` (``(B,)`` with one particle), recomputed from the traces' distributions."""
-    y = model_trace.nodes["y"]
+    ``(K, B)`` (``(B,)`` with one particle), recomputed from the sites' distributions."""
+    y = model.sites["y"]
     log_lik = y["fn"].log_prob(y["value"])
-    if guide_trace is None or "z" not in guide_trace.nodes:  # not asked, no latent (baseline), no recognition net (GSNN)
+    if guide is None or "z" not in guide.sites:  # not asked, no latent (baseline), no recognition net (GSNN)
         return log_lik, torch.zeros_like(log_lik)
-    q, p = guide_trace.nodes["z"], model_trace.nodes["z"]
+    q, p = guide.sites["z"], model.sites["z"]
     return log_lik, p["fn"].log_prob(q["value"]) - q["fn"].log_prob(q["value"])
 
 
+class Draws(Messenger):
+    """Keeps the sample sites (distribution and value) of the last run of the function it wraps
+    (``draws(fn)``): the draws an ELBO used. ``poutine.trace`` would do, but it also copies every parameter site
+    (24 per step here), which costs more than the step's recon and KL are worth."""
+
+    def __init__(self):
+        super().__init__()
+        self.sites: dict[str, dict] = {}
+
+    def _postprocess_message(self, msg) -> None:
+        if msg["type"] == "sample":
+            self.sites[msg["name"]] = msg
+
+
 def _normalized_weights(model, guide) -> Callable[[], torch.Tensor]:
-    """The particles' normalised importance weights ``(K, B)``, read from the traced ``model`` and
-    ``guide`` (``poutine.trace`` handlers) when called: in the backward pass, after the draws."""
+    """The particles' normalised importance weights ``(K, B)``, read from the ``Draws`` of ``model``
+    and ``guide`` when called: in the backward pass, after the draws."""
 
     def weights() -> torch.Tensor:
-        log_lik, log_ratio = _log_terms(model.trace, guide.trace)
+        log_lik, log_ratio = _log_terms(model, guide)
         log_w = log_lik + log_ratio
         return torch.softmax(log_w, 0) if log_w.dim() > 1 else torch.ones_like(log_w)
 
@@ -95,10 +110,12 @@ def objective_backward(cvae: CVAE, batch: Batch, elbo: ELBO, hybrid_weight: floa
     for i, (weight, guide) in enumerate(_terms(cvae, hybrid_weight)):
         if weight == 0:
             continue
-        model, guide = poutine.trace(cvae.model), poutine.trace(guide)  # keep the draws for recon and KL
+        model_draws, guide_draws = Draws(), Draws()  # keep the draws for recon and KL
+        model, guide = model_draws(cvae.model), guide_draws(guide)
         path_gradient = contextlib.nullcontext()
         if guide_gradient != GuideGradient.reparam:
-            path_gradient = GuidePathGradient(_normalized_weights(model, guide) if guide_gradient == GuideGradient.dreg else None)
+            weights = _normalized_weights(model_draws, guide_draws) if guide_gradient == GuideGradient.dreg else None
+            path_gradient = GuidePathGradient(weights)
         with path_gradient:
             if isinstance(elbo, RenyiELBO):
                 earlier = [p.grad for p in params]
@@ -116,10 +133,14 @@ def objective_backward(cvae: CVAE, batch: Batch, elbo: ELBO, hybrid_weight: floa
         loss += weight * term / n
         if i == 0:
             closed_form_kl = isinstance(elbo, TraceMeanField_ELBO)  # then KL = loss - recon, nothing to recompute
-            log_lik, log_ratio = _log_terms(model.trace, None if closed_form_kl else guide.trace)
+            log_lik, log_ratio = _log_terms(model_draws, None if closed_form_kl else guide_draws)
             particles = log_lik.numel() / n
             recon = -log_lik.sum().item() / particles / n
             kl = term / n - recon if closed_form_kl else -log_ratio.sum().item() / particles / n
+        # DReG's hook on z refers to the draws, which refer to z: a cycle through autograd that
+        # Python's collector cannot see; dropping the draws breaks it (else every step leaks its graph)
+        model_draws.sites.clear()
+        guide_draws.sites.clear()
     return {"loss": loss, "recon": recon, "kl": kl}
 
 
@@ -297,7 +318,7 @@ def _train_loop(config: TrainConfig, run: Run, checkpoint: dict | None, images: 
     started = time.perf_counter()
     status = Status.finished
     batch_index = start_batch
-    with _Progress(progress, f"{run.path.name}", total, step) as bar, _StopOnInterrupt() as stop, \
+    with Progress(run.path.name, total, step, enabled=progress) as bar, StopOnInterrupt() as stop, \
             warnings.catch_warnings():
         warnings.filterwarnings("ignore", "Encountered NaN", UserWarning)  # the loop says so itself, below
         try:
@@ -318,7 +339,8 @@ def _train_loop(config: TrainConfig, run: Run, checkpoint: dict | None, images: 
                     count += 1
                     for k in sums:
                         sums[k] += values[k]
-                    bar.advance(step, epoch, {k: v / count for k, v in sums.items()})
+                    if step % 25 == 0:  # one update in 25 steps is plenty for a display
+                        bar.update(step, _progress_status(epoch, config.epochs, sums, count))
                     if stop.requested and batch_index < per_epoch:
                         raise _Stop
                 epoch += 1
@@ -330,6 +352,7 @@ def _train_loop(config: TrainConfig, run: Run, checkpoint: dict | None, images: 
                               "elbo": config.elbo, "particles": config.particles, "guide_gradient": config.guide_gradient}
                     metrics = [*metrics, record]
                 save(epoch, 0)
+                bar.update(step, _progress_status(epoch - 1, config.epochs, sums, count, done=True), milestone=True)
                 if count and not progress:
                     log(f"epoch {epoch}/{config.epochs}: loss {record['loss']:.3f} "
                         f"(recon {record['recon']:.3f}, kl {record['kl']:.3f}), {record['steps_per_s']:.1f} steps/s")
@@ -352,33 +375,6 @@ def _train_loop(config: TrainConfig, run: Run, checkpoint: dict | None, images: 
     return TrainResult(run.path, epoch, step, time.perf_counter() - started, status)
 
 
-class _StopOnInterrupt:
-    """The first Ctrl-C (SIGINT) asks the loop to stop after the current step, which saves a
-    consistent checkpoint; a second one interrupts at once, leaving the last epoch's checkpoint."""
-
-    def __enter__(self):
-        import signal
-        import threading
-
-        self.requested = False
-        self.previous = None
-        if threading.current_thread() is threading.main_thread():
-            self.previous = signal.signal(signal.SIGINT, self._handle)
-        return self
-
-    def _handle(self, signum, frame):
-        if self.requested:
-            raise KeyboardInterrupt
-        self.requested = True
-
-    def __exit__(self, *exc):
-        import signal
-
-        if self.previous is not None:
-            signal.signal(signal.SIGINT, self.previous)
-        return False
-
-
 class _Stop(Exception):
     pass
 
@@ -388,36 +384,7 @@ class _Diverged(Exception):
         self.step, self.epoch, self.value = step, epoch, value
 
 
-class _Progress:
-    """A rich progress bar with the running loss terms; silent when disabled."""
-
-    def __init__(self, enabled: bool, name: str, total: int, completed: int):
-        self.enabled, self.name, self.total, self.completed = enabled, name, total, completed
-
-    def __enter__(self):
-        if self.enabled:
-            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
-
-            self.progress = Progress(
-                TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
-                TextColumn("{task.fields[rate]:.0f} steps/s"), TimeElapsedColumn(), TimeRemainingColumn(),
-                TextColumn("{task.fields[terms]}"), refresh_per_second=4,
-            )
-            self.progress.__enter__()
-            self.task = self.progress.add_task(self.name, total=self.total, completed=self.completed, rate=0.0, terms="")
-            self.last = (time.perf_counter(), self.completed)
-        return self
-
-    def advance(self, step: int, epoch: int, means: dict[str, float]) -> None:
-        if not self.enabled or (step % 25 and step != self.total):
-            return
-        now = time.perf_counter()
-        rate = (step - self.last[1]) / max(now - self.last[0], 1e-9)
-        self.last = (now, step)
-        terms = f"epoch {epoch + 1} loss {means['loss']:.2f} recon {means['recon']:.2f} kl {means['kl']:.2f}"
-        self.progress.update(self.task, completed=step, rate=rate, terms=terms)
-
-    def __exit__(self, *exc):
-        if self.enabled:
-            self.progress.__exit__(*exc)
-        return False
+def _progress_status(epoch: int, epochs: int, sums: dict[str, float], count: int, done: bool = False) -> str:
+    """Where training is, for the progress display: the epoch (0-based) and its mean loss terms so far."""
+    terms = " ".join(f"{k} {v / max(count, 1):.2f}" for k, v in sums.items())
+    return f"epoch {epoch + 1}/{epochs}{' done' if done else ''}, {terms}"

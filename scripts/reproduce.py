@@ -3,12 +3,17 @@
     python scripts/reproduce.py --jobs 2                       # the whole table, random masks
     python scripts/reproduce.py --mask fixed --inputs 1 2 3 --variants baseline cvae
     python scripts/reproduce.py --epochs 2 --limit 2000 --runs-dir /tmp/quick   # a smoke run
+    python scripts/reproduce.py --variants joint-scratch joint-scratch-iwae --seeds 0 1 2   # seed spread
 
 Runs already finished are not trained again, evaluations already on disk are not repeated
 (``--re-evaluate`` repeats them). Each run trains on one thread; ``--jobs`` runs that many at
 once (2 fills this project's 2-core machines). NCLL is measured with S importance samples on
 the test images and on the first ``--train-images`` training images (the reference measured
-on training images). Writes ``results.md`` and ``results.json`` in the runs directory.
+on training images). With ``--seeds``, every chosen variant is trained once per training seed
+(``runs/joint-scratch``, ``runs/joint-scratch-seed1``, ...; the evaluation masks and draws stay
+seeded 0, so every run is measured on the same inputs), and the table adds each variant's mean
+and standard deviation over its seeds. Writes ``results.md`` and ``results.json`` in the runs
+directory.
 """
 
 from __future__ import annotations
@@ -17,27 +22,23 @@ import argparse
 import json
 import multiprocessing
 import os
+import statistics
 import sys
 import time
 import traceback
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from pathlib import Path
 
-from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
 from pyro_cvae.atomic import atomic_write_text
 from pyro_cvae.config import Mask, TrainConfig
+from pyro_cvae.console import Progress, console
 from pyro_cvae.model import VARIANTS, get_variant
+from pyro_cvae.references import PYRO_TUTORIAL
 from pyro_cvae.runs import Run, baseline_run_dir, default_run_dir
 
-console = Console()
 # longest first, so that two workers finish close together; the baseline first, others depend on it
-# Pyro's CVAE tutorial, fixed quadrants (an ELBO-style bound, not an importance-sampled NCLL)
-PYRO_TUTORIAL = {("baseline", 1): 100.4, ("baseline", 2): 61.9, ("baseline", 3): 25.4,
-                 ("cvae", 1): 71.8, ("cvae", 2): 51.0, ("cvae", 3): 24.2}
-ORDER = ["baseline", "hybrid", "joint-scratch", "joint-pretrained", "gsnn", "cvae", "cond-decoder",
-         "cond-decoder-no-baseline", "no-baseline", "unconditioned-prior"]
+ORDER = ["baseline", "joint-scratch-iwae", "cvae-iwae", "hybrid", "joint-scratch", "joint-pretrained", "gsnn", "cvae",
+         "cond-decoder", "cond-decoder-no-baseline", "no-baseline", "unconditioned-prior"]
 
 
 def run_one(config: dict, run_dir: str, runs_dir: str, data_dir: str | None, evaluations: list[dict],
@@ -93,8 +94,6 @@ def _train_seconds(run_dir: Path) -> tuple[float, int]:
 
 
 def write_results(rows: list[dict], runs_dir: Path, name: str, command: str, wall: float, fixed: bool) -> Path:
-    atomic_write_text(json.dumps({"command": command, "wall_seconds": wall, "runs": rows}, indent=2) + "\n",
-                      runs_dir / f"{name}.json")
     # the reference measured on training images, the Pyro tutorial on test images
     reference, compare = ("Pyro tutorial (test, a bound)", "test") if fixed else ("reference (train)", "train")
     lines = [
@@ -116,15 +115,44 @@ def write_results(rows: list[dict], runs_dir: Path, name: str, command: str, wal
             f"| {r['run']}{error} | {r['epochs']} | {fmt(test)} | {fmt(tr)} | {ref if ref is not None else '-'} | "
             f"{diff} | {ess} | {r['train_seconds'] / 60:.1f} min | {r['ms_per_step']:.1f} |"
         )
+    summary = seed_summary(rows)
+    if summary:
+        lines += ["", "Over training seeds (mean ± standard deviation of the runs' NCLL; n seeds):", "",
+                  "| variant | seeds | NCLL test | NCLL train (first 10k) |", "| --- | --- | --- | --- |"]
+        spread = lambda s: f"{s['mean']:.2f} ± {s['sd']:.2f}" if s else "-"  # noqa: E731
+        for s in summary:
+            lines.append(f"| {s['group']} | {', '.join(map(str, s['seeds']))} | {spread(s['test'])} | {spread(s['train'])} |")
+    atomic_write_text(json.dumps({"command": command, "wall_seconds": wall, "runs": rows, "over_seeds": summary},
+                                 indent=2) + "\n", runs_dir / f"{name}.json")
     path = runs_dir / f"{name}.md"
     atomic_write_text("\n".join(lines) + "\n", path)
     return path
+
+
+def seed_summary(rows: list[dict]) -> list[dict]:
+    """Mean and standard deviation over training seeds of each variant (and mask) run with several."""
+    groups: dict[str, list[dict]] = {}
+    for r in rows:
+        key = r["variant"] if r["mask"] == "random" else f"{r['variant']}-fixed{r['inputs']}"
+        groups.setdefault(key, []).append(r)
+    summary = []
+    for key, members in groups.items():
+        if len({r["seed"] for r in members}) < 2:
+            continue
+        entry = {"group": key, "seeds": [r["seed"] for r in members]}
+        for split in ("test", "train"):
+            values = [r[split]["ncll"] for r in members if r.get(split)]
+            entry[split] = ({"mean": statistics.mean(values), "sd": statistics.stdev(values), "n": len(values),
+                             "per_seed": values} if len(values) > 1 else None)
+        summary.append(entry)
+    return summary
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS), metavar="NAME")
     p.add_argument("--epochs", type=int, default=20)
+    p.add_argument("--seeds", type=int, nargs="+", default=[0], help="training seeds, one run of each variant per seed")
     p.add_argument("--mask", choices=["random", "fixed"], default="random")
     p.add_argument("--inputs", type=int, nargs="+", default=[1], choices=[1, 2, 3])
     p.add_argument("--jobs", type=int, default=2, help="runs at once, one thread each")
@@ -148,12 +176,14 @@ def main(argv: list[str] | None = None) -> int:
         evaluations.append({"split": "train", "samples": args.samples, "limit": args.train_images})
 
     runs = []  # (name, config, run_dir, depends_on)
-    for inputs in args.inputs:
-        for name in sorted(args.variants, key=ORDER.index):
-            config = TrainConfig(variant=name, epochs=args.epochs, mask=Mask(args.mask),
-                                 inputs=inputs if args.mask == "fixed" else None, limit=args.limit)
-            dep = baseline_run_dir(args.runs_dir, config) if get_variant(name).needs_pretrained_baseline else None
-            runs.append((default_run_dir(args.runs_dir, config).name, config, default_run_dir(args.runs_dir, config), dep))
+    for seed in dict.fromkeys(args.seeds):
+        for inputs in args.inputs:
+            for name in sorted(args.variants, key=ORDER.index):
+                config = TrainConfig(variant=name, epochs=args.epochs, mask=Mask(args.mask),
+                                     inputs=inputs if args.mask == "fixed" else None, limit=args.limit, seed=seed)
+                dep = baseline_run_dir(args.runs_dir, config) if get_variant(name).needs_pretrained_baseline else None
+                run_dir = default_run_dir(args.runs_dir, config)
+                runs.append((run_dir.name, config, run_dir, dep))
     # a variant that needs the pretrained baseline waits for it (trained here even when not asked for)
     for _, config, _, dep in list(runs):
         if dep is not None and dep not in [r[2] for r in runs]:
@@ -162,35 +192,39 @@ def main(argv: list[str] | None = None) -> int:
     started = time.perf_counter()
     results: dict[str, dict] = {}
     pending = list(runs)
-    with Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
-                  TextColumn("{task.fields[state]}"), TimeElapsedColumn(), console=console) as progress:
-        overall = progress.add_task("all runs", total=len(runs), state="")
-        tasks = {name: progress.add_task(name, total=cfg.epochs, completed=_epochs_done(rd), state="waiting")
-                 for name, cfg, rd, _ in runs}
+    running: dict = {}  # future -> run name
+
+    def status() -> str:
+        epochs = ", ".join(f"{name} epoch {_epochs_done(rd)}/{cfg.epochs}" for name, cfg, rd, _ in runs
+                           if name in running.values())
+        return f"{len(results)}/{len(runs)} runs done" + (f"; running {epochs}" if epochs else "")
+
+    def epochs_done() -> int:
+        return sum(min(_epochs_done(rd), cfg.epochs) for _, cfg, rd, _ in runs)
+
+    # a live bar on a terminal; in a log, a line every minute and one per run finished
+    with Progress("reproduce", total=sum(cfg.epochs for _, cfg, _, _ in runs), completed=epochs_done(),
+                  unit="epochs") as progress:
         with ProcessPoolExecutor(max_workers=args.jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
-            futures = {}
-            while pending or futures:
+            while pending or running:
                 done_dirs = {Path(r["run_dir"]) for r in results.values() if "error" not in r}
                 for item in list(pending):
                     name, cfg, rd, dep = item
-                    if len(futures) >= args.jobs:
+                    if len(running) >= args.jobs:
                         break
                     if dep is None or dep in done_dirs or Run(dep).is_finished():
                         pending.remove(item)
                         fut = pool.submit(run_one, cfg.to_dict(), str(rd), str(args.runs_dir), args.data_dir,
                                           evaluations, args.threads, args.re_evaluate)
-                        futures[fut] = name
-                        progress.update(tasks[name], state="running")
-                finished, _ = wait(list(futures), timeout=5, return_when=FIRST_COMPLETED)
+                        running[fut] = name
+                finished, _ = wait(list(running), timeout=5, return_when=FIRST_COMPLETED)
                 for fut in finished:
-                    name = futures.pop(fut)
+                    name = running.pop(fut)
                     results[name] = fut.result()
-                    state = "[red]" + results[name]["error"][:60] if "error" in results[name] else "[green]done"
-                    progress.update(tasks[name], state=state)
-                    progress.advance(overall)
-                for name, _, rd, _ in runs:
-                    progress.update(tasks[name], completed=_epochs_done(rd))
-                if not futures and pending and not finished:
+                    error = results[name].get("error")
+                    console.print(f"{name}: {'failed: ' + error if error else 'done'}", markup=False, highlight=False)
+                progress.update(epochs_done(), status(), milestone=bool(finished))
+                if not running and pending and not finished:
                     # nothing runs and nothing can start: a dependency failed
                     for name, *_ in pending:
                         results[name] = {"run_dir": "", "error": "its pretrained baseline failed", "evaluations": []}
@@ -204,13 +238,13 @@ def main(argv: list[str] | None = None) -> int:
         seconds, steps = _train_seconds(rd)
         reference = (PYRO_TUTORIAL.get((cfg.variant, cfg.inputs)) if cfg.mask is Mask.fixed
                      else get_variant(cfg.variant).reference_ncll)
-        rows.append({"run": name, "variant": cfg.variant, "epochs": _epochs_done(rd), "mask": cfg.mask.value,
+        rows.append({"run": name, "variant": cfg.variant, "seed": cfg.seed, "epochs": _epochs_done(rd), "mask": cfg.mask.value,
                      "inputs": cfg.inputs, "reference_ncll": reference,
                      "test": evs.get("test"), "train": evs.get("train"), "train_seconds": seconds,
                      "ms_per_step": 1000 * seconds / max(steps, 1), **({"error": r["error"]} if "error" in r else {})})
     out = args.out or ("results" if args.mask == "random" else "results-fixed")
     path = write_results(rows, args.runs_dir, out, command, wall, fixed=args.mask == "fixed")
-    console.print(path.read_text())
+    console.print(path.read_text(), markup=False, highlight=False)
     console.print(f"wrote {path} and {path.with_suffix('.json')} in {wall / 60:.1f} min")
     return 1 if any("error" in r for r in rows) else 0
 

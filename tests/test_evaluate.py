@@ -144,3 +144,67 @@ def test_bad_options_and_missing_runs(tmp_path, trained):
     assert result.exit_code == 2 and "--samples" in result.output
     result = runner.invoke(app, ["evaluate", "--variant", "cvae", "--runs-dir", str(tmp_path)])
     assert result.exit_code == 1 and "pyro-cvae train" in result.output and "Traceback" not in result.output
+
+
+# ------------------------------------------------------------------ every trained run
+
+
+@pytest.fixture(scope="module")
+def two_runs(tmp_path_factory):
+    """A runs folder with a trained no-baseline and baseline, and an untrained (config only) run."""
+    runs = tmp_path_factory.mktemp("every") / "runs"
+    train_tiny(runs / "no-baseline", "no-baseline")
+    train_tiny(runs / "baseline", "baseline")
+    (runs / "cvae").mkdir()
+    (runs / "cvae" / "config.json").write_text(json.dumps({"variant": "cvae"}))
+    return runs
+
+
+def _table_rows(output: str) -> dict[str, list[str]]:
+    """Plain table rows (the output is not a terminal) by run name."""
+    return {line.split()[0]: line.split() for line in output.splitlines() if line[:1].isalpha()}
+
+
+def test_evaluate_without_a_run_evaluates_every_trained_run_and_reuses_current_results(two_runs, mnist_dir):
+    runner = CliRunner()
+    args = ["evaluate", "--runs-dir", str(two_runs), "--samples", "3", "--limit", "8", "--data-dir", str(mnist_dir),
+            "--device", "cpu", "--threads", "1"]
+    first = runner.invoke(app, args)
+    assert first.exit_code == 0, first.output
+    rows = _table_rows(first.output)
+    assert "cvae" not in rows, "a run without a trained epoch is not evaluated"
+    # registry order: baseline first; run, epochs, images, S, NCLL ± SE, reference, difference, ...
+    assert [name for name in rows if name in ("baseline", "no-baseline")] == ["baseline", "no-baseline"]
+    assert rows["baseline"][1:4] == ["1", "8", "1"] and rows["no-baseline"][1:4] == ["1", "8", "3"]
+    assert rows["no-baseline"][7] == "71.36", "on test images: the reference's own test figure"
+    assert rows["baseline"][7] == "-", "the reference measured no baseline on test images"
+    saved = json.loads((two_runs / "no-baseline" / "eval-test-S3-n8-seed0.json").read_text())
+    assert saved["ncll"] == pytest.approx(float(rows["no-baseline"][4]), abs=0.01) and saved["images"] == 8
+    stamp = (two_runs / "no-baseline" / "eval-test-S3-n8-seed0.json").stat().st_mtime_ns
+
+    again = runner.invoke(app, args)
+    assert again.exit_code == 0 and again.output.count("(saved)") == 2, again.output
+    assert (two_runs / "no-baseline" / "eval-test-S3-n8-seed0.json").stat().st_mtime_ns == stamp
+    other = runner.invoke(app, [*args[:-4], "--limit", "6", *args[-4:]])  # other options: evaluated again
+    assert other.exit_code == 0 and "(saved)" not in other.output and _table_rows(other.output)["baseline"][2] == "6"
+    forced = runner.invoke(app, [*args, "--force", "--limit", "6"])
+    assert forced.exit_code == 0 and "(saved)" not in forced.output
+
+
+def test_evaluate_with_a_named_run_evaluates_that_run_only(two_runs, mnist_dir):
+    result = CliRunner().invoke(app, ["evaluate", "--variant", "no-baseline", "--runs-dir", str(two_runs),
+                                      "--samples", "2", "--limit", "4", "--data-dir", str(mnist_dir), "--threads", "1"])
+    assert result.exit_code == 0, result.output
+    rows = _table_rows(result.output)
+    assert "no-baseline" in rows and "baseline" not in rows and rows["no-baseline"][2:4] == ["4", "2"]
+    assert str(two_runs / "no-baseline" / "eval-test-S2-n4-seed0.json") in result.output
+
+
+@pytest.mark.parametrize("command", ["evaluate", "sample"])
+def test_no_trained_run_says_in_one_line_how_to_train_one(tmp_path, command):
+    (tmp_path / "empty").mkdir()
+    for runs_dir in (tmp_path / "empty", tmp_path / "missing"):
+        result = CliRunner().invoke(app, [command, "--runs-dir", str(runs_dir)])
+        assert result.exit_code == 1
+        assert result.output.count("\n") == 1 and "Traceback" not in result.output
+        assert result.output.startswith(f"error: no trained run in {runs_dir}; train one with: pyro-cvae train")

@@ -14,8 +14,8 @@ from pyro_cvae.cli import app
 from pyro_cvae.data import evaluation_masks, visible_input
 from pyro_cvae.evaluate import evaluate_run
 from pyro_cvae.plots import plot_runs
-from pyro_cvae.sample import completions, grid_tensor, sample_grid
 from pyro_cvae.runs import RunError, load_run
+from pyro_cvae.sample import compare_runs, completions, grid_tensor, sample_grid
 
 from .helpers import fake_images, train_tiny
 
@@ -156,6 +156,58 @@ def test_cli_sample_writes_and_prints_the_path(runs, tmp_path, mnist_dir):
     assert str(out) in "".join(result.output.split()) and _size(out) == _expected_size(2, 3)
 
 
+# ------------------------------------------------------------------ compare_runs
+
+
+def test_compare_runs_puts_every_trained_run_on_the_same_digits(runs, tmp_path, monkeypatch):
+    drawn = []  # (grid, labels) of each picture
+    render = sample_mod.render_grid
+    monkeypatch.setattr(sample_mod, "render_grid", lambda grid, labels, *a, **k: drawn.append((grid, labels)) or
+                        render(grid, labels, *a, **k))
+    runs_dir = tmp_path / "runs"
+    shutil.copytree(runs / "with-baseline", runs_dir)
+    train_tiny(runs_dir / "cvae-fixed2", "cvae", mask="fixed", inputs=2)
+    (runs_dir / "cvae").mkdir()
+    (runs_dir / "cvae" / "config.json").write_text(json.dumps({"variant": "cvae"}))  # never trained: left out
+    images = fake_images(6)
+    paths = compare_runs(runs_dir, num_images=4, num_samples=2, images=images)
+    assert paths == [runs_dir / "samples-test.png", runs_dir / "samples-test-fixed2.png"]
+    # input, truth, then the runs in the registry's order: a deterministic run one row, a CVAE num_samples
+    (grid, labels), (fixed_grid, fixed_labels) = drawn
+    assert [label if isinstance(label, str) else (label[0].split()[0], label[1]) for label in labels] == [
+        "input", "truth", ("baseline", 1), ("no-baseline", 2), ("joint-scratch", 2)]
+    assert [label[0].split()[0] for label in fixed_labels[2:]] == ["baseline-fixed2", "cvae-fixed2"]
+    assert _size(paths[0]) == (_size(paths[0])[0], _expected_size(4, 7)[1])
+    assert _size(paths[1])[1] == _expected_size(4, 5)[1]
+    # a run's block is what it draws alone (same digits, masks and seed), whatever runs sit beside it
+    sample_grid(runs_dir / "no-baseline", num_images=4, num_samples=2, out=tmp_path / "alone.png", images=images)
+    alone, _ = drawn[-1]  # input, truth, baseline (from the run beside it), sample 1, sample 2
+    rows = lambda g, first, last: g[:, first * CELL:last * CELL + sample_mod.PAD]  # noqa: E731
+    assert torch.equal(rows(grid, 0, 2), rows(alone, 0, 2)), "the same inputs and truth"
+    assert torch.equal(rows(grid, 3, 5), rows(alone, 3, 5)), "no-baseline's completions"
+
+
+def test_compare_runs_refuses_one_out_for_two_mask_protocols(runs, tmp_path):
+    runs_dir = tmp_path / "runs"
+    shutil.copytree(runs / "alone", runs_dir)
+    compare_runs(runs_dir, num_images=2, num_samples=1, out=tmp_path / "one.png", images=fake_images(4))
+    assert (tmp_path / "one.png").is_file()
+    train_tiny(runs_dir / "baseline-fixed1", "baseline", mask="fixed", inputs=1)
+    with pytest.raises(ValueError, match="--out names one picture, but the runs in .* use 2 masking protocols"):
+        compare_runs(runs_dir, out=tmp_path / "two.png", images=fake_images(4))
+
+
+def test_cli_sample_without_a_run_writes_the_comparison(runs, tmp_path, mnist_dir):
+    runs_dir = tmp_path / "runs"
+    shutil.copytree(runs / "with-baseline", runs_dir)
+    result = CliRunner().invoke(app, ["sample", "--runs-dir", str(runs_dir), "--num-images", "3",
+                                      "--data-dir", str(mnist_dir), "--device", "cpu", "--threads", "1"])
+    assert result.exit_code == 0, result.output
+    assert result.output == f"wrote {runs_dir / 'samples-test.png'}\n"
+    assert _size(runs_dir / "samples-test.png")[1] == _expected_size(3, 2 + 1 + 3 + 3)[1], "3 completions per CVAE"
+    assert not (runs_dir / "no-baseline" / "samples-test.png").exists()
+
+
 # ------------------------------------------------------------------ plot_runs
 
 
@@ -166,10 +218,10 @@ def _has_colour(path, rgb, tolerance=8) -> bool:
     return bool((np.abs(pixels - np.array(rgb)).max(-1) <= tolerance).any())
 
 
-TAB_BLUE, TAB_ORANGE, TAB_GREY = (31, 119, 180), (255, 127, 14), (127, 127, 127)
+TAB_BLUE, TAB_ORANGE, TAB_RED, TAB_PURPLE = (31, 119, 180), (255, 127, 14), (214, 39, 40), (148, 103, 189)
 
 
-def test_plot_runs_draws_a_curve_per_run_and_bars_for_evaluations(runs, tmp_path):
+def test_plot_runs_draws_a_curve_per_run_and_points_for_evaluations(runs, tmp_path):
     runs_dir = tmp_path / "runs"
     shutil.copytree(runs / "with-baseline", runs_dir)
     curves = plot_runs(runs_dir, out=tmp_path / "curves.png")
@@ -180,8 +232,12 @@ def test_plot_runs_draws_a_curve_per_run_and_bars_for_evaluations(runs, tmp_path
     assert (runs_dir / "no-baseline" / "eval-test-S2.json").is_file()
     both = plot_runs(runs_dir)
     assert both == runs_dir / "plots.png"
-    assert _size(both)[0] == width and _size(both)[1] > height, "bars below the curves"
-    assert _has_colour(both, TAB_GREY), "the reference NCLL bar"
+    assert _size(both)[0] == width and _size(both)[1] > height, "NCLL points below the curves"
+    assert _has_colour(both, TAB_RED), "on test images: the reference's own test figure"
+    assert not _has_colour(both, TAB_PURPLE), "not its table, which is of training images"
+    evaluate_run(runs_dir / "no-baseline", samples=2, split="train", images=fake_images(6), device="cpu",
+                 log=lambda m: None)
+    assert _has_colour(plot_runs(runs_dir), TAB_PURPLE), "on training images: the reference's table"
     assert not list(runs_dir.glob(".*tmp*"))
 
 
