@@ -22,7 +22,7 @@ _HOME = {  # exported name -> the module that defines it
     "load_split": "data", "evaluation_masks": "data", "hidden_masks": "data", "fixed_hidden": "data",
     "visible_input": "data",
     "CVAE": "model", "Variant": "model", "VARIANTS": "model", "get_variant": "model",
-    "TrainConfig": "train", "load_run": "train", "trained_runs": "train",
+    "TrainConfig": "config", "load_run": "runs", "trained_runs": "runs",
     "evaluate_run": "evaluate", "evaluate_runs": "evaluate", "ncll_per_image": "evaluate",
     "completions": "sample", "sample_grid": "sample", "compare_runs": "sample",
 }

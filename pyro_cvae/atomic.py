@@ -4,13 +4,17 @@ reader (or a run interrupted mid-write) never sees a half-written checkpoint, re
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 from typing import Callable
 
+_TEMPORARY = re.compile(r"^\..+\.tmp(\d+)$")  # .NAME.tmpPID
+
 
 def atomic_write(path: str | Path, write: Callable[[Path], None]) -> Path:
-    """Call ``write(tmp)`` on a temporary path in the same folder, then rename it to ``path``."""
-    path = Path(path)
+    """Call ``write(tmp)`` on a temporary path in the same folder, then rename it to ``path``.
+    A symbolic link is written through: its target is replaced, the link stays."""
+    path = Path(os.path.realpath(path)) if Path(path).is_symlink() else Path(path)
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     try:
         write(tmp)
@@ -26,3 +30,24 @@ def atomic_write_text(text: str, path: str | Path) -> Path:
 
 def atomic_write_bytes(data: bytes, path: str | Path) -> Path:
     return atomic_write(path, lambda tmp: tmp.write_bytes(data))
+
+
+def pid_alive(pid: int) -> bool:
+    """Whether a process of this machine has this id."""
+    if pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # alive, someone else's
+        return True
+    return True
+
+
+def remove_stale_temporaries(folder: Path) -> None:
+    """Delete the temporary files that writers killed mid-write (``kill -9``) left in ``folder``."""
+    for path in folder.iterdir() if folder.is_dir() else []:
+        match = _TEMPORARY.match(path.name)
+        if match and not pid_alive(int(match.group(1))):
+            path.unlink(missing_ok=True)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import enum
 import functools
-import math
 import os
 from pathlib import Path
 from typing import Annotated, Optional
@@ -13,6 +12,7 @@ import typer
 from rich.markup import escape
 
 from . import data as data_lib
+from .config import EvalConfig, Mask, SampleConfig, Split, TrainConfig
 from .console import Column, Progress, console, errors, print_table
 from .estimators import GuideGradient
 from .model import VARIANTS, Elbo
@@ -24,16 +24,6 @@ app = typer.Typer(
 )
 
 VariantName = enum.Enum("VariantName", {name: name for name in VARIANTS}, type=str)
-
-
-class Mask(str, enum.Enum):
-    random = "random"
-    fixed = "fixed"
-
-
-class Split(str, enum.Enum):
-    test = "test"
-    train = "train"
 
 
 class Device(str, enum.Enum):
@@ -52,23 +42,30 @@ DeviceOpt = Annotated[Device, typer.Option(help="Where to compute.")]
 Threads = Annotated[Optional[int], typer.Option(min=1, help="CPU threads for PyTorch (default: all cores).")]
 # which run, for the commands that read one: RUNS_DIR/VARIANT (with its mask protocol) or RUN_DIR
 RunOf = Annotated[Optional[VariantName], typer.Option("--variant", help="The run of this variant in RUNS_DIR.")]
-RunMask = Annotated[Mask, typer.Option("--mask", help="With --variant: the run's masking protocol.")]
-RunInputs = Annotated[int, typer.Option("--inputs", min=1, max=3, help="With --variant and --mask fixed: visible quadrants.")]
+RunMask = Annotated[Optional[Mask], typer.Option("--mask", help="The run's masking protocol (default: random).")]
+RunInputs = Annotated[Optional[int], typer.Option("--inputs", help="With --mask fixed: the run's visible quadrants (default: 1).")]
+Seed = Annotated[int, typer.Option(help="Seed of the masks and of the z draws.")]
 
 
 def _friendly(fn):
-    """Expected failures (missing data, bad runs, bad values) end in one red line and exit code 1."""
+    """Expected failures end in one red line: a refused option with exit code 2 (as a usage
+    error), missing data, a bad run or a failed write with 1, Ctrl-C with 130."""
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
+        from .config import OptionError
         from .data import DataError
-        from .train import RunError
+        from .runs import RunError
 
         try:
             return fn(*args, **kwargs)
         except (DataError, RunError, ValueError, OSError) as e:
             errors.print(f"[bold red]error:[/] {escape(str(e))}", highlight=False)
-            raise typer.Exit(1) from None
+            raise typer.Exit(2 if isinstance(e, OptionError) else 1) from None
+        except KeyboardInterrupt:
+            errors.print("[bold red]interrupted[/] (Ctrl-C) before a checkpoint could be saved; nothing was "
+                         "half-written: run the same command to start again or resume.", highlight=False)
+            raise typer.Exit(130) from None
 
     return wrapper
 
@@ -77,18 +74,6 @@ def _threads(threads: int | None) -> None:
     import torch
 
     torch.set_num_threads(threads or os.cpu_count() or 1)
-
-
-def _run_dir(run_dir: Path | None, runs_dir: Path | None, variant: VariantName | None, mask: Mask = Mask.random,
-             inputs: int = 1, seed: int = 0) -> Path | None:
-    """The run named by --run-dir or --variant (with its masks and training seed), or None: no run named."""
-    from .train import run_name
-
-    if run_dir is not None:
-        return run_dir
-    if variant is None:
-        return None
-    return (runs_dir or Path("runs")) / run_name(variant.value, mask.value, inputs, seed)
 
 
 @app.command("data")
@@ -116,18 +101,18 @@ def variants_cmd() -> None:
 @app.command("train")
 @_friendly
 def train_cmd(
-    variant: Annotated[VariantName, typer.Option(help="Which variant to train.")] = VariantName("joint-scratch"),
-    epochs: Annotated[int, typer.Option(min=1, help="Passes over the training images.")] = 20,
-    batch_size: Annotated[int, typer.Option(min=1, help="Images per step.")] = 32,
-    lr: Annotated[float, typer.Option(help="Adam learning rate (> 0).")] = 1e-3,
-    seed: Annotated[int, typer.Option(help="Seed of data order, masks, initialisation and z draws.")] = 0,
-    mask: Annotated[Mask, typer.Option(help="Masking protocol: random (1 of 4 quadrants visible) or fixed.")] = Mask.random,
-    inputs: Annotated[int, typer.Option(min=1, max=3, help="Visible quadrants with --mask fixed.")] = 1,
-    limit: Annotated[Optional[int], typer.Option(min=1, help="Train on the first N images only.")] = None,
-    hybrid_weight: Annotated[float, typer.Option(min=0.0, max=1.0, help="Weight of the CVAE term in 'hybrid'.")] = 0.5,
-    elbo: Annotated[Optional[Elbo], typer.Option(help="Training objective: meanfield (TraceMeanField_ELBO, closed-form KL), trace (Trace_ELBO), iwae (RenyiELBO alpha=0). Default: the variant's.")] = None,
-    particles: Annotated[Optional[int], typer.Option(min=1, help="Particles K of the ELBO (default: the variant's; 5 with iwae, else 1).")] = None,
-    guide_gradient: Annotated[Optional[GuideGradient], typer.Option(help="Guide gradient: reparam (Pyro's), stl (sticking the landing; trace or iwae), dreg (doubly reparameterised; iwae). Default: the variant's.")] = None,
+    variant: Annotated[VariantName, typer.Option(help="Which variant to train.")] = VariantName(TrainConfig.variant),
+    epochs: Annotated[int, typer.Option(help="Passes over the training images.")] = TrainConfig.epochs,
+    batch_size: Annotated[int, typer.Option(help="Images per step.")] = TrainConfig.batch_size,
+    lr: Annotated[float, typer.Option(help="Adam learning rate (> 0).")] = TrainConfig.lr,
+    seed: Annotated[int, typer.Option(help="Seed of data order, masks, initialisation and z draws.")] = TrainConfig.seed,
+    mask: Annotated[Mask, typer.Option(help="Masking protocol: random (1 of 4 quadrants visible) or fixed.")] = TrainConfig.mask,
+    inputs: Annotated[Optional[int], typer.Option(help="Visible quadrants (1-3) with --mask fixed (default: 1).")] = TrainConfig.inputs,
+    limit: Annotated[Optional[int], typer.Option(help="Train on the first N images only.")] = TrainConfig.limit,
+    hybrid_weight: Annotated[Optional[float], typer.Option(help="Weight in [0, 1] of the CVAE term in 'hybrid' (default: 0.5).")] = TrainConfig.hybrid_weight,
+    elbo: Annotated[Optional[Elbo], typer.Option(help="Training objective: meanfield (TraceMeanField_ELBO, closed-form KL), trace (Trace_ELBO), iwae (RenyiELBO alpha=0). Default: the variant's.")] = TrainConfig.elbo,
+    particles: Annotated[Optional[int], typer.Option(help="Particles K of the ELBO (default: the variant's; 5 with iwae, else 1).")] = TrainConfig.particles,
+    guide_gradient: Annotated[Optional[GuideGradient], typer.Option(help="Guide gradient: reparam (Pyro's), stl (sticking the landing; trace or iwae), dreg (doubly reparameterised; iwae). Default: the variant's.")] = TrainConfig.guide_gradient,
     force: Annotated[bool, typer.Option(help="Start over even if the run directory holds a run.")] = False,
     data_dir: DataDir = None,
     runs_dir: Annotated[Optional[Path], typer.Option(help="Folder of run directories (default: runs; with --run-dir, the folder holding it: where the pretrained baseline is found).")] = None,
@@ -137,21 +122,19 @@ def train_cmd(
     progress: Annotated[bool, typer.Option(help="Show a progress bar (else a line per epoch).")] = True,
 ) -> None:
     """Train a variant (or resume its unfinished run) with SVI; leaves RUNS_DIR/VARIANT/."""
-    from .train import TrainConfig, train
+    from .train import Status, train
 
-    if not (lr > 0 and math.isfinite(lr)):
-        raise typer.BadParameter(f"must be a positive number, got {lr}", param_hint="--lr")
     _threads(threads)
     config = TrainConfig(variant=variant.value, epochs=epochs, batch_size=batch_size, lr=lr, seed=seed,
-                         mask=mask.value, inputs=inputs, limit=limit, hybrid_weight=hybrid_weight,
+                         mask=mask, inputs=inputs, limit=limit, hybrid_weight=hybrid_weight,
                          elbo=elbo.value if elbo else None, particles=particles,
-                         guide_gradient=guide_gradient.value if guide_gradient else None)
-    result = train(config, run_dir=_run_dir(run_dir, runs_dir, variant, mask, inputs, seed), runs_dir=runs_dir,
-                   data_dir=data_dir, device=device.value, force=force, log=console.print, progress=progress)
-    if result.status == "finished":
+                         guide_gradient=guide_gradient.value if guide_gradient else None).validate()
+    result = train(config, run_dir=run_dir, runs_dir=runs_dir, data_dir=data_dir, device=device.value, force=force,
+                   log=console.print, progress=progress)
+    if result.status is Status.finished:
         console.print(f"[green]trained[/] {result.run_dir} for {result.epochs_done} epochs "
                       f"({result.steps} steps, {result.seconds:.0f} s)")
-    elif result.status == "interrupted":
+    elif result.status is Status.interrupted:
         raise typer.Exit(130)
 
 
@@ -161,14 +144,14 @@ def evaluate_cmd(
     variant: RunOf = None,
     run_dir: RunDir = None,
     runs_dir: RunsDir = Path("runs"),
-    samples: Annotated[int, typer.Option(min=1, help="Importance samples S per image.")] = 100,
-    split: Annotated[Split, typer.Option(help="Images to evaluate on (the reference measured on train).")] = Split.test,
-    limit: Annotated[Optional[int], typer.Option(min=1, help="Evaluate the first N images only.")] = None,
-    batch_size: Annotated[int, typer.Option(min=1, help="Images per chunk; with S particles each, 5,000 rows fit the CPU cache best.")] = 50,
-    seed: Annotated[int, typer.Option(help="Seed of the evaluation masks and of the z draws.")] = 0,
+    samples: Annotated[int, typer.Option(help="Importance samples S per image.")] = EvalConfig.samples,
+    split: Annotated[Split, typer.Option(help="Images to evaluate on (the reference measured on train).")] = EvalConfig.split,
+    limit: Annotated[Optional[int], typer.Option(help="Evaluate the first N images only.")] = EvalConfig.limit,
+    batch_size: Annotated[int, typer.Option(help="Images per chunk; with S particles each, 5,000 rows fit the CPU cache best.")] = EvalConfig.batch_size,
+    seed: Seed = EvalConfig.seed,
     force: Annotated[bool, typer.Option(help="With no run named: evaluate again runs whose saved evaluation is current.")] = False,
-    mask: RunMask = Mask.random,
-    inputs: RunInputs = 1,
+    mask: RunMask = None,
+    inputs: RunInputs = None,
     data_dir: DataDir = None,
     device: DeviceOpt = Device.auto,
     threads: Threads = None,
@@ -176,9 +159,11 @@ def evaluate_cmd(
     """NCLL of a trained run by importance sampling, printed and saved in the run directory; with
     no run named, of every trained run in RUNS_DIR, in one table."""
     from .evaluate import evaluate_run, evaluate_runs
+    from .runs import select_run
 
     _threads(threads)
-    target = _run_dir(run_dir, runs_dir, variant, mask, inputs)
+    EvalConfig(samples, split, limit, batch_size, seed).validate()
+    target = select_run(run_dir, runs_dir, variant and variant.value, mask, inputs)
     options = dict(samples=samples, split=split.value, limit=limit, batch_size=batch_size, seed=seed, data_dir=data_dir,
                    device=device.value, log=console.print)
     with Progress(target.name if target else "evaluating", total=0, unit="images", transient=True) as bar:
@@ -190,8 +175,8 @@ def evaluate_cmd(
     _print_evaluations(results, split.value)
     if target is not None:
         r = results[0][0]
-        console.print(f"masks: {r.mask}{'' if r.mask == 'random' else f' ({r.inputs} visible)'}, seed {r.seed}; "
-                      f"proposal: {r.proposal}; saved {escape(str(target / r.path_name))}", highlight=False)
+        console.print(f"masks: {r.mask}{'' if r.inputs is None else f' ({r.inputs} visible)'}, seed {r.seed}; "
+                      f"proposal: {r.proposal}; saved {escape(str(r.path))}", highlight=False)
 
 
 def _print_evaluations(results, split: str) -> None:
@@ -219,28 +204,30 @@ def sample_cmd(
     variant: RunOf = None,
     run_dir: RunDir = None,
     runs_dir: RunsDir = Path("runs"),
-    num_images: Annotated[int, typer.Option(min=1, help="Images, one column each: the first N of the split.")] = 10,
-    num_samples: Annotated[Optional[int], typer.Option(min=1, help="CVAE completions per image, one row each (default: 10 for one run, 3 per run when comparing).")] = None,
-    split: Annotated[Split, typer.Option(help="Images to complete.")] = Split.test,
-    seed: Annotated[int, typer.Option(help="Seed of the masks (as evaluate draws them) and of the z draws.")] = 0,
-    out: Annotated[Optional[Path], typer.Option(help="PNG to write (default: RUN_DIR/samples-SPLIT.png, or RUNS_DIR/samples-SPLIT.png comparing every run).")] = None,
-    mask: RunMask = Mask.random,
-    inputs: RunInputs = 1,
+    num_images: Annotated[int, typer.Option(help="Images, one column each: the first N of the split.")] = SampleConfig.num_images,
+    num_samples: Annotated[Optional[int], typer.Option(help=f"CVAE completions per image, one row each (default: {SampleConfig.num_samples} for one run, 3 per run when comparing).")] = None,
+    split: Annotated[Split, typer.Option(help="Images to complete.")] = SampleConfig.split,
+    seed: Seed = SampleConfig.seed,
+    out: Annotated[Optional[Path], typer.Option(help="PNG to write (default: in the run directory, or in RUNS_DIR comparing every run).")] = None,
+    mask: RunMask = None,
+    inputs: RunInputs = None,
     data_dir: DataDir = None,
     device: DeviceOpt = Device.auto,
     threads: Threads = None,
 ) -> None:
     """A PNG grid of a trained run: input | truth | baseline | CVAE samples, a column per image;
     with no run named, one picture comparing every trained run in RUNS_DIR on the same digits."""
+    from .runs import select_run
     from .sample import compare_runs, sample_grid
 
     _threads(threads)
-    target = _run_dir(run_dir, runs_dir, variant, mask, inputs)
+    SampleConfig(num_images, num_samples, split, seed).validate()
+    target = select_run(run_dir, runs_dir, variant and variant.value, mask, inputs)
     options = dict(num_images=num_images, split=split.value, seed=seed, out=out, data_dir=data_dir, device=device.value)
     if target is None:
         paths = compare_runs(runs_dir, num_samples=num_samples or 3, **options)
     else:  # the baseline row, for a run without a baseline net, comes from a finished baseline run beside it
-        paths = [sample_grid(target, num_samples=num_samples or 10, **options)]
+        paths = [sample_grid(target, num_samples=num_samples or SampleConfig.num_samples, **options)]
     for path in paths:
         console.print(f"wrote {escape(str(path))}", highlight=False)
 
@@ -257,5 +244,3 @@ def plot_cmd(
     console.print(f"wrote {escape(str(plot_runs(runs_dir, out)))}", highlight=False)
 
 
-def main() -> None:  # pragma: no cover
-    app()

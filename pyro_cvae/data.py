@@ -81,6 +81,8 @@ def _read_bytes(path: Path) -> bytes:
             with gzip.open(path, "rb") as f:
                 return f.read()
         return path.read_bytes()
+    except PermissionError as e:
+        raise DataError(f"{path}: cannot be read ({e.strerror}); check its permissions.") from None
     except (EOFError, gzip.BadGzipFile, zlib.error, OSError) as e:
         raise DataError(
             f"{path}: cannot be read ({type(e).__name__}: {e}); the file is truncated or corrupt, "
@@ -178,6 +180,9 @@ def _download(data_dir: Path) -> None:
 def locate(data_dir: str | Path | None = None, download: bool = True) -> Path:
     """The data folder holding all four files; downloads into the cache folder when it is empty."""
     root = resolve_data_dir(data_dir)
+    if root.exists() and not root.is_dir():
+        raise DataError(f"MNIST data folder {root} is a file, not a folder; point --data-dir or {DATA_ENV} at the "
+                        "folder holding the four IDX files (raw or .gz).")
     missing = [stem for stem in FILES if find_file(root, stem) is None]
     if missing and download and len(missing) == len(FILES) and root == cache_dir() / "mnist":
         _download(root)

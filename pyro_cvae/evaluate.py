@@ -11,7 +11,6 @@ net as one matrix product, and the prior and recognition nets run once per image
 
 from __future__ import annotations
 
-import json
 import math
 import time
 from dataclasses import asdict, dataclass
@@ -22,10 +21,10 @@ import pyro
 import pyro.poutine as poutine
 import torch
 
+from .config import EvalConfig, require_at_least_one, resolve_device
 from .data import evaluation_masks, load_split, visible_input
-from .model import CVAE, get_variant
-from .atomic import atomic_write_text
-from .train import epochs_trained, load_run, require_at_least_one, require_trained_runs, resolve_device
+from .model import CVAE, Proposal, get_variant
+from .runs import Run, RunError, require_trained_runs
 
 
 def _log_prob_per_image(trace) -> torch.Tensor:
@@ -84,7 +83,7 @@ def ncll_per_image(
 
 @dataclass
 class Evaluation:
-    """What ``evaluate`` reports and writes to ``<run>/eval-<split>-S<S>.json``."""
+    """What ``evaluate`` reports and writes to the run directory (``Run.evaluation_path``)."""
 
     run_dir: str
     variant: str
@@ -100,46 +99,44 @@ class Evaluation:
     proposal: str
     seed: int
     seconds: float
-
-    @property
-    def path_name(self) -> str:
-        return eval_file_name(self.split, self.samples)
-
-
-def eval_file_name(split: str, samples: int) -> str:
-    """Where an evaluation is saved in its run directory (S as drawn: ``Variant.importance_samples``)."""
-    return f"eval-{split}-S{samples}.json"
+    step: int | None = None  # of the checkpoint evaluated: the result counts while that checkpoint is the run's
+    run_id: str | None = None
+    path: str | None = None  # where it was saved
 
 
 def evaluate_run(
     run_dir: str | Path,
-    samples: int = 100,
-    split: str = "test",
-    limit: int | None = None,
-    batch_size: int = 50,
-    seed: int = 0,
+    samples: int = EvalConfig.samples,
+    split: str = EvalConfig.split.value,
+    limit: int | None = EvalConfig.limit,
+    batch_size: int = EvalConfig.batch_size,
+    seed: int = EvalConfig.seed,
     data_dir: str | Path | None = None,
     device: str | torch.device = "auto",
     images: torch.Tensor | None = None,
     log: Callable[[str], None] = print,
     progress: Callable[[int, int], None] | None = None,
 ) -> Evaluation:
-    """Evaluate a trained run and write its results file. ``images`` ``(N, 784)`` replaces the
-    MNIST split; ``progress`` is told (images done, images in all) as the work goes."""
-    require_at_least_one(samples=samples, limit=limit, batch_size=batch_size)
+    """Evaluate a trained run and write its results file (one per split, S, image count and
+    seed). ``images`` ``(N, 784)`` replaces the MNIST split; ``progress`` is told (images done,
+    images in all) as the work goes. A result that cannot be saved is a ``RunError`` whose
+    message holds the NCLL."""
+    split = EvalConfig(samples=samples, split=split, limit=limit, batch_size=batch_size, seed=seed).validate().split.value
     device = resolve_device(device) if isinstance(device, str) else device
-    run_dir = Path(run_dir)
-    cvae, config, checkpoint = load_run(run_dir, device)
+    run = Run(run_dir)
+    cvae, config, checkpoint = run.load(device, log)
     if checkpoint["epoch"] < config.epochs:
-        log(f"note: {run_dir} is trained for {checkpoint['epoch']} of {config.epochs} epochs.")
+        log(f"note: {run.path} is trained for {checkpoint['epoch']} of {config.epochs} epochs.")
     if images is None:
         images, _ = load_split(split, data_dir)
+    if limit is not None and limit >= len(images):
+        limit = None  # the whole split
     # masks fixed per image index by the seed over the whole split, so --limit takes a prefix of them
     hidden = evaluation_masks(len(images), config.mask, config.inputs, seed)
     if limit is not None:
         images, hidden = images[:limit], hidden[:limit]
     _, proposal = cvae.proposal()
-    if proposal.startswith("prior"):
+    if proposal is Proposal.prior:
         log("note: this run has no recognition net: the prior p(z|x) is the importance proposal.")
     pyro.set_rng_seed(seed)
     started = time.perf_counter()
@@ -148,34 +145,40 @@ def evaluate_run(
                                progress=report)
     seconds = time.perf_counter() - started
     result = Evaluation(
-        run_dir=str(run_dir), variant=config.variant, epochs=int(checkpoint["epoch"]), split=split,
-        mask=config.mask, inputs=config.inputs, samples=cvae.variant.importance_samples(samples), images=len(ncll),
-        ncll=ncll.mean().item(), ncll_se=(ncll.std() / math.sqrt(len(ncll))).item() if len(ncll) > 1 else float("nan"),
-        ess_mean=ess.mean().item(), proposal=proposal, seed=seed, seconds=round(seconds, 2),
+        run_dir=str(run.path), variant=config.variant, epochs=int(checkpoint["epoch"]), split=split,
+        mask=config.mask.value, inputs=config.inputs, samples=cvae.variant.importance_samples(samples),
+        images=len(ncll), ncll=ncll.mean().item(),
+        ncll_se=(ncll.std() / math.sqrt(len(ncll))).item() if len(ncll) > 1 else float("nan"),
+        ess_mean=ess.mean().item(), proposal=proposal.value, seed=seed, seconds=round(seconds, 2),
+        step=int(checkpoint["step"]), run_id=checkpoint.get("run_id"),
     )
-    atomic_write_text(json.dumps(asdict(result), indent=2) + "\n", run_dir / result.path_name)
+    record = asdict(result)
+    del record["path"]
+    try:
+        result.path = str(run.write_evaluation(record, limit))
+    except OSError as e:
+        raise RunError(f"NCLL {result.ncll:.3f} ± {result.ncll_se:.3f} ({result.images} {split} images, S={result.samples}) "
+                       f"could not be saved in {run.path} ({type(e).__name__}: {e}); free space or fix its permissions "
+                       "and evaluate again.") from None
     return result
 
 
-def saved_evaluation(run_dir: str | Path, split: str, samples: int, images: int, seed: int) -> Evaluation | None:
-    """The run's saved evaluation if it is still current: of its present weights, on the first
-    ``images`` images of ``split`` with these masks' ``seed`` and S (as drawn)."""
-    run_dir = Path(run_dir)
+def saved_evaluation(run_dir: str | Path, split: str, samples: int, limit: int | None, seed: int) -> Evaluation | None:
+    """The run's saved evaluation with these options (S as drawn), if it is of its present weights."""
+    record = Run(run_dir).current_evaluation(split, samples, limit, seed)
     try:
-        saved = Evaluation(**json.loads((run_dir / eval_file_name(split, samples)).read_text()))
-    except (OSError, ValueError, TypeError):
+        return Evaluation(**record) if record is not None else None
+    except TypeError:  # a record of another shape
         return None
-    current = (saved.split, saved.samples, saved.images, saved.seed) == (split, samples, images, seed)
-    return saved if current and saved.epochs == epochs_trained(run_dir) else None
 
 
 def evaluate_runs(
     runs_dir: str | Path,
-    samples: int = 100,
-    split: str = "test",
-    limit: int | None = None,
-    batch_size: int = 50,
-    seed: int = 0,
+    samples: int = EvalConfig.samples,
+    split: str = EvalConfig.split.value,
+    limit: int | None = EvalConfig.limit,
+    batch_size: int = EvalConfig.batch_size,
+    seed: int = EvalConfig.seed,
     force: bool = False,
     data_dir: str | Path | None = None,
     device: str | torch.device = "auto",
@@ -183,18 +186,20 @@ def evaluate_runs(
     log: Callable[[str], None] = print,
     progress: Callable[[int, int, str], None] | None = None,
 ) -> list[tuple[Evaluation, bool]]:
-    """Evaluate every trained run in ``runs_dir`` (``train.trained_runs``), reusing a saved
+    """Evaluate every trained run in ``runs_dir`` (``runs.trained_runs``), reusing a saved
     evaluation that is still current unless ``force``: (evaluation, whether it was reused) per
     run. ``progress`` is told (images done, images in all, run name) over all the runs to do."""
-    require_at_least_one(samples=samples, limit=limit, batch_size=batch_size)
+    split = EvalConfig(samples=samples, split=split, limit=limit, batch_size=batch_size, seed=seed).validate().split.value
     runs = require_trained_runs(runs_dir)
     if images is None:
         images, _ = load_split(split, data_dir)
-    count = min(limit, len(images)) if limit is not None else len(images)
+    if limit is not None and limit >= len(images):
+        limit = None  # the whole split, as evaluate_run names it
+    count = limit if limit is not None else len(images)
     results: dict[Path, tuple[Evaluation, bool]] = {}
     for run_dir, config in runs:
         saved = None if force else saved_evaluation(
-            run_dir, split, get_variant(config.variant).importance_samples(samples), count, seed)
+            run_dir, split, get_variant(config.variant).importance_samples(samples), limit, seed)
         if saved is not None:
             results[run_dir] = (saved, True)
     to_do = [run_dir for run_dir, _ in runs if run_dir not in results]

@@ -26,6 +26,34 @@ from .estimators import GuideGradient
 from .nets import Z_DIM, BaselineNet, GaussianNet, GenerationNet
 
 
+class Baseline(str, enum.Enum):
+    """A variant's baseline net: none, pretrained and fixed, or trained through the prior."""
+
+    none = "none"
+    frozen = "frozen"
+    joint = "joint"
+
+
+class Prior(str, enum.Enum):
+    conditional = "conditional"  # p(z|x) from the prior net
+    standard = "standard"  # N(0, I)
+
+
+class Objective(str, enum.Enum):
+    baseline = "baseline"  # the deterministic net alone: BCE of the hidden pixels
+    cvae = "cvae"  # the ELBO with the recognition net
+    gsnn = "gsnn"  # log p(y|x,z) with z from the prior; no recognition net
+    hybrid = "hybrid"  # weighted sum of the CVAE and GSNN objectives
+
+
+class Proposal(str, enum.Enum):
+    """The importance-sampling proposal; its value is what evaluation reports."""
+
+    recognition = "recognition net q(z|x,y)"
+    prior = "prior p(z|x) (no recognition net)"
+    none = "none (deterministic: exact likelihood)"
+
+
 class Elbo(str, enum.Enum):
     """The training objective, a Pyro ELBO object (``train.make_elbo``)."""
 
@@ -36,21 +64,16 @@ class Elbo(str, enum.Enum):
 
 @dataclass(frozen=True)
 class Variant:
-    """One row of the results table, as data.
-
-    baseline: None (no baseline net), "frozen" (pretrained, fixed), "joint" (trained through the prior).
-    baseline_init: "pretrained" (from the runs directory's ``baseline`` run) or "scratch".
-    objective: "baseline" (deterministic net alone), "cvae" (ELBO with the recognition net),
-    "gsnn" (log p(y|x,z) with z from the prior; no recognition net) or "hybrid" (weighted sum).
-    """
+    """One row of the results table, as data. ``pretrained``: the baseline net starts from the
+    runs directory's ``baseline`` run (else from scratch)."""
 
     name: str
     summary: str
-    baseline: str | None = None
-    baseline_init: str | None = None
-    prior: str = "conditional"  # or "standard": N(0, I)
+    baseline: Baseline = Baseline.none
+    pretrained: bool = False
+    prior: Prior = Prior.conditional
     conditioned_decoder: bool = False
-    objective: str = "cvae"
+    objective: Objective = Objective.cvae
     reference_config: str | None = None
     reference_ncll: float | None = None
     elbo: Elbo = Elbo.meanfield  # the default training objective (--elbo overrides)
@@ -59,45 +82,44 @@ class Variant:
 
     @property
     def needs_pretrained_baseline(self) -> bool:
-        return self.baseline_init == "pretrained"
+        return self.pretrained
 
     @property
     def has_recognition_net(self) -> bool:
-        return self.objective in ("cvae", "hybrid")
+        return self.objective in (Objective.cvae, Objective.hybrid)
 
     def importance_samples(self, samples: int) -> int:
         """S actually drawn: the deterministic baseline has no latent, so one is exact."""
-        return 1 if self.objective == "baseline" else samples
+        return 1 if self.objective is Objective.baseline else samples
 
 
 VARIANTS: dict[str, Variant] = {
     v.name: v
     for v in [
-        Variant("baseline", "deterministic net alone", objective="baseline",
+        Variant("baseline", "deterministic net alone", objective=Objective.baseline,
                 reference_config="baseline.yml", reference_ncll=112.382),
-        Variant("cvae", "prior fed by a pretrained, frozen baseline", baseline="frozen", baseline_init="pretrained",
+        Variant("cvae", "prior fed by a pretrained, frozen baseline", baseline=Baseline.frozen, pretrained=True,
                 reference_config="cvae.yml", reference_ncll=72.255),
         Variant("no-baseline", "no baseline; prior sees x alone",
                 reference_config="cvae-wobl.yml", reference_ncll=70.868),
-        Variant("cond-decoder", "as cvae, decoder p(y|z,x)", baseline="frozen", baseline_init="pretrained",
+        Variant("cond-decoder", "as cvae, decoder p(y|z,x)", baseline=Baseline.frozen, pretrained=True,
                 conditioned_decoder=True, reference_config="cvae-cdec.yml", reference_ncll=79.524),
         Variant("cond-decoder-no-baseline", "as no-baseline, decoder p(y|z,x)", conditioned_decoder=True,
                 reference_config="cvae-cdec-wobl.yml", reference_ncll=83.745),
-        Variant("unconditioned-prior", "prior N(0, I), no baseline", prior="standard",
+        Variant("unconditioned-prior", "prior N(0, I), no baseline", prior=Prior.standard,
                 reference_config="cvae-ucprior.yml", reference_ncll=76.024),
-        Variant("joint-pretrained", "baseline starts pretrained and trains with the CVAE", baseline="joint",
-                baseline_init="pretrained", reference_config="cvae-unfreeze-baseline.yml", reference_ncll=69.352),
-        Variant("joint-scratch", "baseline starts random and trains with the CVAE", baseline="joint",
-                baseline_init="scratch", reference_config="cvae-unfreeze-baseline-wopt.yml", reference_ncll=67.813),
+        Variant("joint-pretrained", "baseline starts pretrained and trains with the CVAE", baseline=Baseline.joint,
+                pretrained=True, reference_config="cvae-unfreeze-baseline.yml", reference_ncll=69.352),
+        Variant("joint-scratch", "baseline starts random and trains with the CVAE", baseline=Baseline.joint, reference_config="cvae-unfreeze-baseline-wopt.yml", reference_ncll=67.813),
         Variant("gsnn", "paper's GSNN: log p(y|x,z), z from the prior; as joint-scratch, no recognition net",
-                baseline="joint", baseline_init="scratch", objective="gsnn"),
+                baseline=Baseline.joint, objective=Objective.gsnn),
         Variant("hybrid", "paper's weighted sum of the CVAE and GSNN objectives; as joint-scratch",
-                baseline="joint", baseline_init="scratch", objective="hybrid"),
+                baseline=Baseline.joint, objective=Objective.hybrid),
         # beyond the table: the importance-weighted bound (K=10) with doubly reparameterised gradients
-        Variant("joint-scratch-iwae", "as joint-scratch, trained on the IWAE bound (K=10, DReG)", baseline="joint",
-                baseline_init="scratch", elbo=Elbo.iwae, particles=10, guide_gradient=GuideGradient.dreg),
-        Variant("cvae-iwae", "as cvae, trained on the IWAE bound (K=10, DReG)", baseline="frozen",
-                baseline_init="pretrained", elbo=Elbo.iwae, particles=10, guide_gradient=GuideGradient.dreg),
+        Variant("joint-scratch-iwae", "as joint-scratch, trained on the IWAE bound (K=10, DReG)",
+                baseline=Baseline.joint, elbo=Elbo.iwae, particles=10, guide_gradient=GuideGradient.dreg),
+        Variant("cvae-iwae", "as cvae, trained on the IWAE bound (K=10, DReG)", baseline=Baseline.frozen,
+                pretrained=True, elbo=Elbo.iwae, particles=10, guide_gradient=GuideGradient.dreg),
     ]
 }
 
@@ -146,12 +168,12 @@ class CVAE(nn.Module):
         super().__init__()
         self.variant = variant
         self.z_dim = z_dim
-        deterministic = variant.objective == "baseline"
-        self.baseline_net = BaselineNet() if (deterministic or variant.baseline) else None
-        self.prior_net = GaussianNet(z_dim) if (variant.prior == "conditional" and not deterministic) else None
+        deterministic = variant.objective is Objective.baseline
+        self.baseline_net = BaselineNet() if (deterministic or variant.baseline is not Baseline.none) else None
+        self.prior_net = GaussianNet(z_dim) if (variant.prior is Prior.conditional and not deterministic) else None
         self.recognition_net = GaussianNet(z_dim) if variant.has_recognition_net else None
         self.generation_net = None if deterministic else GenerationNet(z_dim, variant.conditioned_decoder)
-        if variant.baseline == "frozen":
+        if variant.baseline is Baseline.frozen:
             self.baseline_net.requires_grad_(False)
 
     @property
@@ -175,7 +197,7 @@ class CVAE(nn.Module):
     def model(self, x: torch.Tensor, y: torch.Tensor | None = None, hidden: torch.Tensor | None = None):
         """p(y|x) = ∫ p(y|z,x) p(z|x) dz; observes the hidden pixels of ``y`` when given, else
         samples them; returns them ``(..., B, n_hidden)`` (``hidden_pixels`` says which)."""
-        if self.variant.baseline != "frozen" and self.baseline_net is not None:  # a frozen net is no parameter
+        if self.variant.baseline is not Baseline.frozen and self.baseline_net is not None:  # a frozen net is no parameter
             pyro.module("baseline_net", self.baseline_net)
         if self.prior_net is not None:
             pyro.module("prior_net", self.prior_net)
@@ -207,14 +229,14 @@ class CVAE(nn.Module):
             loc, scale = self.prior(x, hidden)
             return pyro.sample("z", dist.Normal(loc, scale).to_event(1))
 
-    def proposal(self) -> tuple[Callable, str]:
+    def proposal(self) -> tuple[Callable, Proposal]:
         """The importance-sampling proposal and what it is: the guide q(z|x,y); for a GSNN, which
         has no recognition net, the prior; for the deterministic baseline, nothing to sample."""
         if self.deterministic:
-            return self.guide, "none (deterministic: exact likelihood)"
+            return self.guide, Proposal.none
         if self.recognition_net is None:
-            return self.prior_guide, "prior p(z|x) (no recognition net)"
-        return self.guide, "recognition net q(z|x,y)"
+            return self.prior_guide, Proposal.prior
+        return self.guide, Proposal.recognition
 
     def trainable_parameters(self) -> list[nn.Parameter]:
         return [p for p in self.parameters() if p.requires_grad]

@@ -8,7 +8,6 @@ through ``pyplot``: no global figure state, no GUI backend, the same bytes for t
 from __future__ import annotations
 
 import io
-import json
 import math
 from pathlib import Path
 
@@ -18,7 +17,7 @@ from matplotlib.ticker import MaxNLocator
 
 from .atomic import atomic_write_bytes
 from .references import Source, reference_for
-from .train import CONFIG, RunError, TrainConfig, read_metrics
+from .runs import Run, runs_in
 
 DPI = 128  # a power of two: pixel sizes / DPI * DPI are exact, so a figure's pixel size is what was asked
 CURVES = ("loss", "recon", "kl")
@@ -34,24 +33,12 @@ def save_png(fig: Figure, path: str | Path) -> Path:
     return path
 
 
-def _evaluation(run_dir: Path, split: str) -> dict | None:
-    """The run's evaluation on ``split`` with the most importance samples (then images), if any."""
-    found = []
-    for path in run_dir.glob(f"eval-{split}-S*.json"):
-        try:
-            result = json.loads(path.read_text())
-            found.append(((int(result["samples"]), int(result.get("images", 0))), result))
-        except (ValueError, KeyError, TypeError, OSError):
-            continue
-    return max(found, key=lambda pair: pair[0])[1] if found else None
-
-
-def _masks(run_dir: Path) -> tuple[str, int]:
+def _masks(run: Run) -> tuple[str, int | None]:
     try:
-        config = TrainConfig.from_json(run_dir / CONFIG)
+        config = run.config()
         return config.mask, config.inputs
-    except RunError:
-        return "random", 1
+    except Exception:  # a run being written, or not one of ours: no outside figure for it
+        return "random", None
 
 
 # how each outside figure is drawn beside ours: marker, colour, legend
@@ -62,11 +49,11 @@ REFERENCE_STYLE = {
 }
 
 
-def _ncll_panel(ax, runs: list[Path], split: str) -> None:
+def _ncll_panel(ax, runs: list[Run], split: str) -> None:
     """Our NCLL on ``split`` as points with standard-error bars, a row per run (``runs``, top to
     bottom), each beside the outside figure measured on the same split and masks; the axis spans
     the data, not from zero, so that differences of a nat show."""
-    evaluations = {i: e for i, run in enumerate(runs) if (e := _evaluation(run, split)) is not None}
+    evaluations = {i: e for i, run in enumerate(runs) if (e := run.best_evaluation(split)) is not None}
     # S of the sampled runs (a deterministic one is exact with S=1) and image counts, in the title when shared
     samples = {e["samples"] for e in evaluations.values() if e["samples"] > 1}
     images = {e.get("images") for e in evaluations.values()}
@@ -80,7 +67,7 @@ def _ncll_panel(ax, runs: list[Path], split: str) -> None:
             text += f" (S={e['samples']}, {e.get('images', '?')} images)"
         ax.annotate(text, (e["ncll"], i - 0.15), xytext=(8, 0), textcoords="offset points", va="center",
                     fontsize="small", color="tab:blue")
-        reference = reference_for(e.get("variant", runs[i].name), *_masks(runs[i]), split)
+        reference = reference_for(e.get("variant", runs[i].path.name), *_masks(runs[i]), split)
         if reference is not None:
             marker, colour, label = REFERENCE_STYLE[reference.source]
             ax.plot(reference.ncll, i + 0.15, marker=marker, color=colour, linestyle="none", label=label)
@@ -97,24 +84,23 @@ def plot_runs(runs_dir: str | Path = "runs", out: str | Path | None = None) -> P
     evaluations, NCLL points with standard-error bars beside the outside figures measured on
     that split (``references``), as one PNG.
 
-    A run is a sub-folder holding ``config.json``. Default output: ``<runs_dir>/plots.png``."""
+    Default output: ``<runs_dir>/plots.png``."""
     runs_dir = Path(runs_dir)
-    runs = sorted(p for p in runs_dir.iterdir() if (p / CONFIG).is_file()) if runs_dir.is_dir() else []
+    runs = runs_in(runs_dir)
     if not runs:
-        raise ValueError(f"no runs in {runs_dir} (no sub-folder with {CONFIG}); train one with: "
+        raise ValueError(f"no runs in {runs_dir} (no sub-folder holds a trained run); train one with: "
                          f"pyro-cvae train --runs-dir {runs_dir}, or point --runs-dir at the right folder.")
-    splits = [split for split in ("test", "train") if any(_evaluation(run, split) for run in runs)]
-
-    evaluated = [run for run in runs if any(_evaluation(run, split) for split in splits)]
+    splits = [split for split in ("test", "train") if any(run.best_evaluation(split) for run in runs)]
+    evaluated = [run for run in runs if any(run.best_evaluation(split) for split in splits)]
 
     ncll_height = 1.5 + 0.45 * len(evaluated)
     fig = Figure(figsize=(12, 4 + (ncll_height if splits else 0)), dpi=DPI, layout="constrained")
     curves, ncll = fig.subfigures(2, 1, height_ratios=[4, ncll_height]) if splits else (fig, None)
     for ax, name in zip(curves.subplots(1, len(CURVES)), CURVES):
         for k, run in enumerate(runs):
-            records = [r for r in read_metrics(run) if all(k in r for k in CURVES)]
+            records = [r for r in run.read_metrics() if all(k in r for k in CURVES)]
             if records:  # ten colours, then the same ten dashed, then dotted
-                ax.plot([r["epoch"] for r in records], [r[name] for r in records], marker=".", label=run.name,
+                ax.plot([r["epoch"] for r in records], [r[name] for r in records], marker=".", label=run.path.name,
                         color=f"C{k % 10}", linestyle=("-", "--", ":")[k // 10 % 3])
         ax.set(title=f"{name} per image (nats)", xlabel="epoch")
         ax.grid(alpha=0.3)
@@ -127,7 +113,7 @@ def plot_runs(runs_dir: str | Path = "runs", out: str | Path | None = None) -> P
         panels = ncll.subplots(1, len(splits), sharey=True, squeeze=False)[0]
         for ax, split in zip(panels, splits):
             _ncll_panel(ax, evaluated, split)
-        panels[0].set_yticks(range(len(evaluated)), [run.name for run in evaluated])
+        panels[0].set_yticks(range(len(evaluated)), [run.path.name for run in evaluated])
         panels[0].set_ylim(len(evaluated) - 0.5, -0.5)  # the first run at the top
         kinds = {}  # one legend entry per kind of point, however many points and panels
         for ax in panels:

@@ -25,10 +25,11 @@ from matplotlib.lines import Line2D
 from matplotlib.textpath import TextPath
 from torchvision.utils import make_grid
 
+from .config import Mask, SampleConfig, require_at_least_one, resolve_device
 from .data import SIDE, evaluation_masks, load_split, visible_input
-from .model import CVAE, hidden_pixels
+from .model import CVAE, Baseline, hidden_pixels
 from .plots import DPI, save_png
-from .train import is_finished, load_run, require_at_least_one, require_trained_runs, resolve_device, run_name
+from .runs import Run, baseline_run_dir, comparison_path, require_trained_runs
 
 HIDDEN_COLOUR = (0.33, 0.42, 0.60)  # muted blue: no grey level of ink or paper can be mistaken for it
 PAD = 2  # grey-white lines between the cells of the grid
@@ -67,11 +68,11 @@ def baseline_row(
     own), so what it draws is a code for the prior, not a prediction."""
     if cvae.deterministic:
         return "baseline", completions(cvae, images, hidden, 1)[0]
-    if cvae.variant.baseline == "frozen":  # the pretrained baseline itself
+    if cvae.variant.baseline is Baseline.frozen:  # the pretrained baseline itself
         with torch.no_grad():
             return "baseline", cvae.baseline_guess(visible_input(images, hidden), hidden)
-    if baseline_dir is not None and is_finished(baseline_dir):
-        baseline, _, _ = load_run(baseline_dir, device)
+    if baseline_dir is not None and Run(baseline_dir).is_finished():
+        baseline, _, _ = Run(baseline_dir).load(device)
         return "baseline", completions(baseline.eval(), images, hidden, 1)[0]
     if cvae.baseline_net is not None:  # no standalone baseline: show what the joint one feeds the prior
         with torch.no_grad():
@@ -133,16 +134,16 @@ def _first_images(split: str, num_images: int, data_dir, images: torch.Tensor | 
     return images[:num_images], len(images)
 
 
-def _masks_text(mask: str, inputs: int) -> str:
-    return "random masks" if mask == "random" else f"fixed masks, {inputs} visible"
+def _masks_text(mask: Mask, inputs: int | None) -> str:
+    return "random masks" if mask is Mask.random else f"fixed masks, {inputs} visible"
 
 
 def sample_grid(
     run_dir: str | Path,
-    num_images: int = 10,
-    num_samples: int = 10,
-    split: str = "test",
-    seed: int = 0,
+    num_images: int = SampleConfig.num_images,
+    num_samples: int = SampleConfig.num_samples,
+    split: str = SampleConfig.split.value,
+    seed: int = SampleConfig.seed,
     out: str | Path | None = None,
     runs_dir: str | Path | None = None,
     data_dir: str | Path | None = None,
@@ -156,12 +157,13 @@ def sample_grid(
     The baseline row comes from the run, else from a finished ``baseline`` run of the same
     masks in ``runs_dir`` (default: the folder holding ``run_dir``). A deterministic run (the
     ``baseline`` variant) has no z to sample: its grid stops after its baseline row.
-    ``images`` ``(N, 784)`` replaces the MNIST split (tests). Default output:
-    ``<run_dir>/samples-<split>.png``."""
-    require_at_least_one(num_images=num_images, num_samples=num_samples)
+    ``images`` ``(N, 784)`` replaces the MNIST split (tests). Default output: the run's
+    ``Run.samples_path``."""
+    split = SampleConfig(num_images, num_samples, split, seed).validate().split.value
     device = resolve_device(device) if isinstance(device, str) else device
-    run_dir = Path(run_dir)
-    cvae, config, checkpoint = load_run(run_dir, device)
+    run = Run(run_dir)
+    run_dir = run.path
+    cvae, config, checkpoint = run.load(device)
     cvae.eval()
     images, split_size = _first_images(split, num_images, data_dir, images)
     # masks fixed per image index over the whole split, as evaluation draws them
@@ -170,8 +172,7 @@ def sample_grid(
 
     rows, labels = [images, images], ["input", "truth"]
     runs_dir = Path(runs_dir) if runs_dir is not None else run_dir.parent
-    baseline_dir = runs_dir / run_name("baseline", config.mask, config.inputs)
-    baseline = baseline_row(cvae, images, hidden, baseline_dir, device)
+    baseline = baseline_row(cvae, images, hidden, baseline_run_dir(runs_dir, config), device)
     if baseline is not None:
         labels.append(baseline[0])
         rows.append(baseline[1])
@@ -187,15 +188,15 @@ def sample_grid(
     title = (f"{name}, epoch {checkpoint['epoch']}/{config.epochs}\n"
              f"{split} images 0-{num_images - 1}, {masks}, seed {seed}\n{drawn}")
     fig = render_grid(grid_tensor(rows, hidden), labels, title)
-    return save_png(fig, out if out is not None else run_dir / f"samples-{split}.png")
+    return save_png(fig, out if out is not None else run.samples_path(split))
 
 
 def compare_runs(
     runs_dir: str | Path = "runs",
-    num_images: int = 10,
+    num_images: int = SampleConfig.num_images,
     num_samples: int = 3,
-    split: str = "test",
-    seed: int = 0,
+    split: str = SampleConfig.split.value,
+    seed: int = SampleConfig.seed,
     out: str | Path | None = None,
     data_dir: str | Path | None = None,
     device: str | torch.device = "cpu",
@@ -204,13 +205,12 @@ def compare_runs(
     """One picture comparing every trained run in ``runs_dir`` on the same digits: the input and
     truth rows, then a labelled block per run (one row for a deterministic run, ``num_samples``
     completions for a CVAE), z draws seeded by ``seed`` for each run alike. Runs on different
-    masks cannot share inputs: a picture per masking protocol, ``<runs_dir>/samples-<split>.png``
-    for random masks and ``samples-<split>-fixed<K>.png`` for fixed ones (``out`` replaces the
-    path when there is one protocol). Returns the paths written."""
-    require_at_least_one(num_images=num_images, num_samples=num_samples)
+    masks cannot share inputs: a picture per masking protocol, in ``runs_dir`` (``runs.comparison_path``;
+    ``out`` replaces the path when there is one protocol). Returns the paths written."""
+    split = SampleConfig(num_images, num_samples, split, seed).validate().split.value
     device = resolve_device(device) if isinstance(device, str) else device
     runs_dir = Path(runs_dir)
-    groups: dict[tuple[str, int], list[Path]] = {}
+    groups: dict[tuple[Mask, int | None], list[Path]] = {}
     for run_dir, config in require_trained_runs(runs_dir):
         groups.setdefault((config.mask, config.inputs), []).append(run_dir)
     if out is not None and len(groups) > 1:
@@ -223,7 +223,7 @@ def compare_runs(
         hidden = evaluation_masks(split_size, mask, inputs, seed)[:num_images].to(device)
         rows, labels = [images, images], ["input", "truth"]
         for run_dir in run_dirs:
-            cvae, config, checkpoint = load_run(run_dir, device)
+            cvae, config, checkpoint = Run(run_dir).load(device)
             pyro.set_rng_seed(seed)  # each run draws as it would alone
             completed = completions(cvae.eval(), images, hidden, num_samples)
             rows.extend(completed)
@@ -231,6 +231,5 @@ def compare_runs(
         title = (f"trained runs in {runs_dir}\n{split} images 0-{num_images - 1}, {_masks_text(mask, inputs)}, "
                  f"seed {seed}\npixel probabilities; a CVAE's rows: {num_samples} draws of z from the prior p(z|x)")
         fig = render_grid(grid_tensor(rows, hidden), labels, title, separate=True)
-        name = f"samples-{split}{'' if mask == 'random' else f'-fixed{inputs}'}.png"
-        written.append(save_png(fig, out if out is not None else runs_dir / name))
+        written.append(save_png(fig, out if out is not None else comparison_path(runs_dir, split, mask, inputs)))
     return written

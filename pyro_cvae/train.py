@@ -1,17 +1,15 @@
-"""Training: the objective from Pyro traces, the optimisation loop, run directories and checkpoints.
-
-A run directory holds ``config.json`` (the resolved configuration), ``checkpoint.pt`` (model,
-optimiser and RNG state, epoch and batch, written atomically), ``metrics.jsonl`` (one line per
-epoch) and, later, evaluation results and pictures.
+"""Training: the objective from Pyro traces, the optimisation step, and the loop that trains
+(or resumes) a run. What a run directory holds, and how it is read and written, is ``runs``'s.
 """
 
 from __future__ import annotations
 
 import contextlib
-import json
+import enum
 import math
 import time
-from dataclasses import asdict, dataclass, fields
+import warnings
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
@@ -20,121 +18,12 @@ import torch
 from pyro.infer import ELBO, RenyiELBO, Trace_ELBO, TraceMeanField_ELBO
 from pyro.poutine.messenger import Messenger
 
-from .atomic import atomic_write, atomic_write_text
+from .config import TrainConfig, resolve_device
 from .console import Progress, StopOnInterrupt
 from .data import Batch, epoch_batches, load_split, steps_per_epoch
 from .estimators import GuideGradient, GuidePathGradient
-from .model import CVAE, VARIANTS, Elbo, get_variant
-
-CHECKPOINT = "checkpoint.pt"
-CONFIG = "config.json"
-METRICS = "metrics.jsonl"
-
-
-class RunError(RuntimeError):
-    """A run directory is missing, unfinished, inconsistent or diverged; the message says what to do."""
-
-
-@dataclass
-class TrainConfig:
-    """Everything that defines a run. Defaults are the reference implementation's protocol."""
-
-    variant: str = "joint-scratch"
-    epochs: int = 20
-    batch_size: int = 32
-    lr: float = 1e-3
-    clip_norm: float = 1.0  # on the gradient of the per-image mean loss
-    seed: int = 0
-    mask: str = "random"
-    inputs: int = 1  # visible quadrants, with mask="fixed"
-    limit: int | None = None  # use the first N training images only
-    hybrid_weight: float = 0.5  # weight of the CVAE objective in "hybrid" (the GSNN gets 1 - it)
-    elbo: str | None = None  # meanfield, trace or iwae; default: the variant's (meanfield but for *-iwae)
-    particles: int | None = None  # K; default: the variant's with its own ELBO, else 5 for iwae and 1 otherwise
-    guide_gradient: str | None = None  # reparam, stl or dreg (estimators.GuideGradient); default: the variant's
-
-    def __post_init__(self) -> None:
-        if self.mask == "random":
-            self.inputs = 1  # only the fixed protocol has a number of visible quadrants
-        variant = VARIANTS.get(self.variant)
-        if variant is not None:
-            if self.elbo is None:
-                self.elbo = variant.elbo.value
-            if self.guide_gradient is None:
-                self.guide_gradient = variant.guide_gradient.value
-            if self.particles is None:
-                same = self.elbo == variant.elbo.value
-                self.particles = variant.particles if same else 5 if self.elbo == Elbo.iwae.value else 1
-
-    def validate(self) -> None:
-        variant = get_variant(self.variant)
-        require_at_least_one(epochs=self.epochs, batch_size=self.batch_size, limit=self.limit, particles=self.particles)
-        checks = [
-            (self.lr > 0 and math.isfinite(self.lr), f"--lr must be a positive number, got {self.lr}"),
-            (self.clip_norm > 0, f"clip norm must be positive, got {self.clip_norm}"),
-            (self.mask in ("random", "fixed"), f"--mask must be random or fixed, got {self.mask!r}"),
-            (self.inputs in (1, 2, 3), f"--inputs must be 1, 2 or 3 visible quadrants, got {self.inputs}"),
-            (0.0 <= self.hybrid_weight <= 1.0, f"--hybrid-weight must lie in [0, 1], got {self.hybrid_weight}"),
-            (self.elbo in {e.value for e in Elbo}, f"--elbo must be one of {', '.join(e.value for e in Elbo)}, got {self.elbo!r}"),
-            (variant.objective != "baseline" or (self.elbo != Elbo.iwae.value and self.particles == 1),
-             "the baseline has no latent variable: --elbo iwae and --particles do not apply to it"),
-            (self.guide_gradient in {g.value for g in GuideGradient},
-             f"--guide-gradient must be one of {', '.join(g.value for g in GuideGradient)}, got {self.guide_gradient!r}"),
-            (self.guide_gradient != GuideGradient.stl.value or self.elbo != Elbo.meanfield.value,
-             "--guide-gradient stl needs a Monte Carlo KL: use it with --elbo trace or iwae"),
-            (self.guide_gradient != GuideGradient.dreg.value or self.elbo == Elbo.iwae.value,
-             "--guide-gradient dreg is for the importance-weighted bound: use it with --elbo iwae"),
-        ]
-        for ok, message in checks:
-            if not ok:
-                raise ValueError(message + ".")
-
-    def same_run(self, other: "TrainConfig") -> bool:
-        """Whether two configs describe the same run (the number of epochs may grow)."""
-        return all(getattr(self, f.name) == getattr(other, f.name) for f in fields(self) if f.name != "epochs")
-
-    @classmethod
-    def from_json(cls, path: Path) -> "TrainConfig":
-        try:
-            raw = json.loads(path.read_text())
-            return cls(**{f.name: raw[f.name] for f in fields(cls) if f.name in raw})
-        except (OSError, ValueError, TypeError) as e:
-            raise RunError(f"{path} cannot be read ({type(e).__name__}: {e}); train the run again with --force.") from None
-
-    def baseline(self) -> "TrainConfig":
-        """The config of the pretrained baseline this run's variant starts from."""
-        return TrainConfig(**{**asdict(self), "variant": "baseline", "hybrid_weight": 0.5, "elbo": None, "particles": None,
-                                           "guide_gradient": None})
-
-    def make_elbo(self) -> ELBO:
-        return make_elbo(Elbo(self.elbo), self.particles)
-
-
-def run_name(variant: str, mask: str = "random", inputs: int = 1, seed: int = 0) -> str:
-    """``joint-scratch``, ``cvae-fixed2``; a training seed other than 0 is named: ``joint-scratch-seed1``."""
-    name = variant if mask == "random" else f"{variant}-fixed{inputs}"
-    return name if seed == 0 else f"{name}-seed{seed}"
-
-
-def default_run_dir(runs_dir: str | Path, config: TrainConfig) -> Path:
-    return Path(runs_dir) / run_name(config.variant, config.mask, config.inputs, config.seed)
-
-
-def require_at_least_one(**options: int | None) -> None:
-    """Refuse a count option below 1 (None means "not given"), naming it as the CLI does."""
-    for name, value in options.items():
-        if value is not None and value < 1:
-            raise ValueError(f"--{name.replace('_', '-')} must be at least 1, got {value}.")
-
-
-def resolve_device(device: str = "auto") -> torch.device:
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device == "cuda" and not torch.cuda.is_available():
-        raise ValueError("--device cuda asked for, but no CUDA device is available; use --device cpu.")
-    if device not in ("cpu", "cuda"):
-        raise ValueError(f"--device must be auto, cpu or cuda, got {device!r}.")
-    return torch.device(device)
+from .model import CVAE, Elbo, Objective, get_variant
+from .runs import Run, RunError, baseline_run_dir, default_run_dir, new_run_id
 
 
 # ---------------------------------------------------------------------------------------------
@@ -159,9 +48,9 @@ def _terms(cvae: CVAE, hybrid_weight: float) -> list[tuple[float, Callable]]:
     leaving E_prior[log p(y|x,z)]), their weighted sum (hybrid), or the baseline (no latent: the
     guide samples nothing and the ELBO is log p(y|x), minus the BCE)."""
     kind = cvae.variant.objective
-    if kind == "gsnn":
+    if kind is Objective.gsnn:
         return [(1.0, cvae.prior_guide)]
-    if kind == "hybrid":
+    if kind is Objective.hybrid:
         return [(hybrid_weight, cvae.guide), (1.0 - hybrid_weight, cvae.prior_guide)]
     return [(1.0, cvae.guide)]  # cvae, and baseline (whose guide is empty)
 
@@ -266,11 +155,11 @@ def train_step(cvae: CVAE, batch: Batch, optimizer: torch.optim.Optimizer, confi
                elbo: ELBO | None = None) -> dict[str, float]:
     """One optimisation step on the per-image mean loss; returns its terms. A non-finite loss
     leaves the parameters untouched (the caller stops the run). ``elbo``: the run's ELBO object
-    (``config.make_elbo()``; built once by the loop, here when not given)."""
+    (built once by the loop, here when not given)."""
     optimizer.zero_grad(set_to_none=True)
     with pyro.validation_enabled(False):  # argument checks cost time, and NaN is caught below
-        values = objective_backward(cvae, batch, elbo or config.make_elbo(), config.hybrid_weight,
-                                    GuideGradient(config.guide_gradient))
+        elbo = elbo or make_elbo(Elbo(config.elbo), config.particles)
+        values = objective_backward(cvae, batch, elbo, config.hybrid_weight, GuideGradient(config.guide_gradient))
     params = [p for group in optimizer.param_groups for p in group["params"]]
     torch.nn.utils.clip_grad_norm_(params, config.clip_norm, foreach=True)
     if math.isfinite(values["loss"]):
@@ -279,104 +168,13 @@ def train_step(cvae: CVAE, batch: Batch, optimizer: torch.optim.Optimizer, confi
 
 
 # ---------------------------------------------------------------------------------------------
-# Run directories and checkpoints
-
-
-def atomic_save(obj, path: Path) -> None:
-    """torch.save, atomically: never a half-written checkpoint."""
-    atomic_write(path, lambda tmp: torch.save(obj, tmp))
-
-
-def read_checkpoint(run_dir: Path, device: torch.device | str = "cpu") -> dict:
-    path = Path(run_dir) / CHECKPOINT
-    if not path.is_file():
-        raise RunError(f"no checkpoint in {run_dir}; train it first: pyro-cvae train --run-dir {run_dir} --variant NAME.")
-    try:
-        return torch.load(path, map_location=device, weights_only=False)
-    except Exception as e:
-        raise RunError(f"{path} cannot be read ({type(e).__name__}); delete it and train again with --force.") from None
-
-
-def load_run(run_dir: str | Path, device: torch.device | str = "cpu") -> tuple[CVAE, TrainConfig, dict]:
-    """A trained (or partly trained) run: the model with its weights, its config and checkpoint."""
-    run_dir = Path(run_dir)
-    if not (run_dir / CONFIG).is_file():
-        raise RunError(
-            f"{run_dir} is not a run (no {CONFIG}); train one with: pyro-cvae train --variant NAME --run-dir {run_dir}."
-        )
-    config = TrainConfig.from_json(run_dir / CONFIG)
-    checkpoint = read_checkpoint(run_dir, device)
-    cvae = CVAE(get_variant(config.variant)).to(device)
-    try:
-        cvae.load_state_dict(checkpoint["model"])
-    except (KeyError, RuntimeError) as e:
-        raise RunError(f"{run_dir / CHECKPOINT} does not fit a {config.variant} model ({type(e).__name__}); "
-                       "train it again with --force.") from None
-    return cvae, config, checkpoint
-
-
-def read_metrics(run_dir: Path) -> list[dict]:
-    """The per-epoch records of a run (the last line written for an epoch wins), in epoch order;
-    a torn line of a run being written is skipped."""
-    by_epoch = {}
-    try:
-        lines = (Path(run_dir) / METRICS).read_text().splitlines()
-    except OSError:
-        return []
-    for line in lines:
-        try:
-            record = json.loads(line)
-            by_epoch[int(record["epoch"])] = record
-        except (ValueError, KeyError, TypeError):
-            continue
-    return [by_epoch[e] for e in sorted(by_epoch)]
-
-
-def epochs_trained(run_dir: Path) -> int:
-    """Epochs completed by the run's checkpoint (0 without a readable one)."""
-    try:
-        checkpoint = torch.load(Path(run_dir) / CHECKPOINT, map_location="cpu", weights_only=False, mmap=True)
-        return int(checkpoint["epoch"])
-    except Exception:
-        return 0
-
-
-def is_finished(run_dir: Path) -> bool:
-    """Whether the run directory holds a run trained for all the epochs of its config."""
-    try:
-        config = TrainConfig.from_json(run_dir / CONFIG)
-    except RunError:
-        return False
-    return epochs_trained(run_dir) >= config.epochs
-
-
-def trained_runs(runs_dir: str | Path) -> list[tuple[Path, TrainConfig]]:
-    """The runs in ``runs_dir`` with at least one epoch trained, and their configs, in the order
-    of the variant registry (then by name)."""
-    runs_dir = Path(runs_dir)
-    found = []
-    for run_dir in sorted(runs_dir.iterdir()) if runs_dir.is_dir() else []:
-        if (run_dir / CONFIG).is_file() and epochs_trained(run_dir) > 0:
-            try:
-                found.append((run_dir, TrainConfig.from_json(run_dir / CONFIG)))
-            except RunError:
-                continue
-    order = list(VARIANTS)
-    return sorted(found, key=lambda run: (order.index(run[1].variant) if run[1].variant in order else len(order),
-                                          run[0].name))
-
-
-def require_trained_runs(runs_dir: str | Path) -> list[tuple[Path, TrainConfig]]:
-    """``trained_runs``, or a RunError that says how to train one."""
-    runs = trained_runs(runs_dir)
-    if not runs:
-        raise RunError(f"no trained run in {runs_dir}; train one with: pyro-cvae train --variant joint-scratch "
-                       f"--runs-dir {runs_dir} (or point --runs-dir at the folder that holds your runs).")
-    return runs
-
-
-# ---------------------------------------------------------------------------------------------
 # The loop
+
+
+class Status(str, enum.Enum):
+    finished = "finished"
+    already_finished = "already finished"
+    interrupted = "interrupted"
 
 
 @dataclass
@@ -385,25 +183,7 @@ class TrainResult:
     epochs_done: int
     steps: int
     seconds: float
-    status: str  # "finished", "already finished", "interrupted"
-
-
-def _pretrained_baseline(config: TrainConfig, runs_dir: Path, device, data_dir, log, progress) -> dict:
-    """State dict of the pretrained baseline net, training it first when it is missing."""
-    base_config = config.baseline()
-    base_dir = default_run_dir(runs_dir, base_config)
-    if not is_finished(base_dir):
-        log(f"{config.variant} needs a pretrained baseline; none finished in {base_dir}: training it first.")
-        result = train(base_config, run_dir=base_dir, data_dir=data_dir, device=device, log=log, progress=progress)
-        if result.status != "finished":
-            raise RunError(f"interrupted while pretraining the baseline in {base_dir}; run the same command to resume.")
-    else:
-        found = TrainConfig.from_json(base_dir / CONFIG)
-        log(f"using the pretrained baseline in {base_dir}")
-        if found != base_config:
-            log(f"note: that baseline was trained with {found}, this run asks {base_config}")
-    cvae, _, _ = load_run(base_dir, device)
-    return cvae.baseline_net.state_dict()
+    status: Status
 
 
 def train(
@@ -419,79 +199,128 @@ def train(
 ) -> TrainResult:
     """Train (or resume) one run in ``run_dir`` (default ``runs_dir/<variant>``). A pretrained
     baseline is looked up in (or trained into) ``runs_dir``, by default the folder holding the
-    run. ``images`` ``(N, 784)`` replaces the MNIST training split (tests)."""
+    run. ``images`` ``(N, 784)`` replaces the MNIST training split (tests).
+
+    The run is locked while it trains. Nothing of what it held before changes until the new run
+    has its data and baseline and writes its first checkpoint (``--force`` included)."""
     config.validate()
     device = resolve_device(device) if isinstance(device, str) else device
     if run_dir is None:
         runs_dir = Path(runs_dir if runs_dir is not None else "runs")
         run_dir = default_run_dir(runs_dir, config)
-    run_dir = Path(run_dir)
-    runs_dir = Path(runs_dir) if runs_dir is not None else run_dir.parent
-    variant = get_variant(config.variant)
+    run = Run(Path(run_dir))
+    runs_dir = Path(runs_dir) if runs_dir is not None else run.path.parent
+    with run.lock():
+        checkpoint = None
+        if run.exists() and not force:
+            checkpoint = run.read_checkpoint(device)
+            try:
+                saved = run.config(checkpoint, log)
+            except ValueError as e:
+                raise RunError(f"{run.checkpoint_path} holds a config that is not valid ({e}); "
+                               "pass --force to start the run over.") from None
+            diff = saved.differences(config)
+            if diff:
+                raise RunError(
+                    f"{run.path} holds a different run ({', '.join(f'{k}: {a!r} there, {b!r} asked' for k, (a, b) in diff.items())}); "
+                    "pass --force to start it over or choose another --run-dir."
+                )
+            run.write_copies(checkpoint)  # were they lost to a kill after the checkpoint was saved?
+            if checkpoint["epoch"] >= config.epochs:
+                log(f"{run.path} is already trained for {checkpoint['epoch']} epochs; pass --force to train it again.")
+                return TrainResult(run.path, checkpoint["epoch"], checkpoint["step"], 0.0, Status.already_finished)
 
-    checkpoint = None
-    if (run_dir / CHECKPOINT).exists() and not force:
-        saved = TrainConfig.from_json(run_dir / CONFIG)
-        if not saved.same_run(config):
-            diff = {f.name: (getattr(saved, f.name), getattr(config, f.name)) for f in fields(config)
-                    if f.name != "epochs" and getattr(saved, f.name) != getattr(config, f.name)}
+        if images is None:
+            images, _ = load_split("train", data_dir, config.limit)
+        elif config.limit is not None:
+            images = images[: config.limit]
+        images = images.to(device)
+        pretrained = None
+        if checkpoint is None and get_variant(config.variant).needs_pretrained_baseline:
+            pretrained = _pretrained_baseline(config, runs_dir, device, data_dir, log, progress)
+        return _train_loop(config, run, checkpoint, images, pretrained, device, log, progress)
+
+
+def _pretrained_baseline(config: TrainConfig, runs_dir: Path, device, data_dir, log, progress) -> dict:
+    """State dict of the pretrained baseline net, training it first when it is missing. A
+    baseline trained on other data (images, masks) than the run's is refused."""
+    wanted = config.baseline()
+    base = Run(baseline_run_dir(runs_dir, config))
+    found = None
+    if base.exists():
+        try:
+            found = base.config()
+        except ValueError as e:
+            raise RunError(f"the pretrained baseline in {base.path} has a config that is not valid ({e}); "
+                           f"train it again: pyro-cvae train --variant baseline --run-dir {base.path} --force.") from None
+        if found.data_options() != wanted.data_options():
+            there = ", ".join(f"{k} {v}" for k, v in found.data_options().items() if v != wanted.data_options()[k])
+            asked = ", ".join(f"{k} {v}" for k, v in wanted.data_options().items() if v != found.data_options()[k])
             raise RunError(
-                f"{run_dir} holds a different run ({', '.join(f'{k}: {a!r} there, {b!r} asked' for k, (a, b) in diff.items())}); "
-                "pass --force to start it over or choose another --run-dir."
+                f"the pretrained baseline in {base.path} was trained on other data ({there}) than this run asks "
+                f"({asked}); train it again with this run's options (pyro-cvae train --variant baseline "
+                f"--run-dir {base.path} --force ...) or use another --runs-dir."
             )
-        checkpoint = read_checkpoint(run_dir, device)
-        if checkpoint["epoch"] >= config.epochs:
-            log(f"{run_dir} is already trained for {checkpoint['epoch']} epochs; pass --force to train it again.")
-            return TrainResult(run_dir, checkpoint["epoch"], checkpoint["step"], 0.0, "already finished")
-    elif force and run_dir.exists():
-        for name in [CHECKPOINT, METRICS]:
-            (run_dir / name).unlink(missing_ok=True)
-    for stale in [*run_dir.glob("eval-*.json"), *run_dir.glob("samples-*.png")]:  # of weights about to change
-        stale.unlink()
-    run_dir.mkdir(parents=True, exist_ok=True)
+    if not base.is_finished():
+        log(f"{config.variant} needs a pretrained baseline; none finished in {base.path}: training it first.")
+        result = train(wanted, run_dir=base.path, data_dir=data_dir, device=device, log=log, progress=progress)
+        if result.status is not Status.finished:
+            raise RunError(f"interrupted while pretraining the baseline in {base.path}; run the same command to resume.")
+    else:
+        log(f"using the pretrained baseline in {base.path}")
+        if found.differences(wanted) or found.epochs != wanted.epochs:
+            log(f"note: that baseline was trained with {found}, this run asks {wanted}")
+    cvae, _, _ = base.load(device)
+    return cvae.baseline_net.state_dict()
 
-    if images is None:
-        images, _ = load_split("train", data_dir, config.limit)
-    elif config.limit is not None:
-        images = images[: config.limit]
-    images = images.to(device)
 
-    pretrained = None
-    if checkpoint is None and variant.needs_pretrained_baseline:
-        pretrained = _pretrained_baseline(config, runs_dir, device, data_dir, log, progress)
+def _train_loop(config: TrainConfig, run: Run, checkpoint: dict | None, images: torch.Tensor,
+                pretrained: dict | None, device: torch.device, log: Callable[[str], None], progress: bool) -> TrainResult:
+    """The optimisation loop, from ``checkpoint`` (a resumed run) or from scratch, saving a
+    checkpoint, with the epoch's metrics record, at the end of every epoch and on Ctrl-C."""
+    variant = get_variant(config.variant)
     pyro.clear_param_store()
     pyro.set_rng_seed(config.seed)
     cvae = CVAE(variant).to(device)
     if pretrained is not None:
         cvae.baseline_net.load_state_dict(pretrained)
     optimizer = make_optimizer(cvae, config.lr)
-    elbo = config.make_elbo()
-    epoch, start_batch, step = 0, 0, 0
+    elbo = make_elbo(Elbo(config.elbo), config.particles)
+    epoch, start_batch, step, run_id, metrics = 0, 0, 0, new_run_id(), []
     if checkpoint is not None:
         cvae.load_state_dict(checkpoint["model"])
         optimizer.load_state_dict(checkpoint["optimizer"])
         epoch, start_batch, step = checkpoint["epoch"], checkpoint["batch"], checkpoint["step"]
+        run_id = checkpoint.get("run_id", run_id)
+        metrics = checkpoint["metrics"] if "metrics" in checkpoint else run.read_metrics()
         torch.set_rng_state(checkpoint["rng"].cpu())
         if "cuda_rng" in checkpoint and device.type == "cuda":
             torch.cuda.set_rng_state(checkpoint["cuda_rng"].cpu())
-        log(f"resuming {run_dir} at epoch {epoch + 1}, batch {start_batch}, step {step}")
-    atomic_write_text(json.dumps(asdict(config), indent=2) + "\n", run_dir / CONFIG)
+        log(f"resuming {run.path} at epoch {epoch + 1}, batch {start_batch}, step {step}")
+    else:
+        log(f"training {run.path} from scratch")
+    saved_step = step if checkpoint is not None else None
 
     def save(epoch: int, batch: int, partial: dict | None = None) -> None:
+        nonlocal saved_step
         state = {"model": cvae.state_dict(), "optimizer": optimizer.state_dict(), "epoch": epoch, "batch": batch,
-                 "step": step, "rng": torch.get_rng_state(), "config": asdict(config)}
+                 "step": step, "rng": torch.get_rng_state(), "config": config.to_dict(), "run_id": run_id,
+                 "metrics": metrics}
         if partial is not None:
             state["partial"] = partial
         if device.type == "cuda":
             state["cuda_rng"] = torch.cuda.get_rng_state()
-        atomic_save(state, run_dir / CHECKPOINT)
+        run.write_checkpoint(state)
+        saved_step = step
 
     per_epoch = steps_per_epoch(len(images), config.batch_size)
     total = per_epoch * config.epochs
     started = time.perf_counter()
-    status = "finished"
+    status = Status.finished
     batch_index = start_batch
-    with Progress(run_dir.name, total, step, enabled=progress) as bar, StopOnInterrupt() as stop:
+    with Progress(run.path.name, total, step, enabled=progress) as bar, StopOnInterrupt() as stop, \
+            warnings.catch_warnings():
+        warnings.filterwarnings("ignore", "Encountered NaN", UserWarning)  # the loop says so itself, below
         try:
             while epoch < config.epochs:
                 sums = {"loss": 0.0, "recon": 0.0, "kl": 0.0}
@@ -516,17 +345,15 @@ def train(
                         raise _Stop
                 epoch += 1
                 start_batch = batch_index = 0
+                if count:
+                    seconds = time.perf_counter() - epoch_start
+                    record = {"epoch": epoch, "step": step, **{k: v / count for k, v in sums.items()},
+                              "seconds": round(seconds, 2), "steps_per_s": round(count / max(seconds, 1e-9), 2),
+                              "elbo": config.elbo, "particles": config.particles, "guide_gradient": config.guide_gradient}
+                    metrics = [*metrics, record]
                 save(epoch, 0)
-                if count == 0:
-                    continue
-                seconds = time.perf_counter() - epoch_start
-                record = {"epoch": epoch, "step": step, **{k: v / count for k, v in sums.items()},
-                          "seconds": round(seconds, 2), "steps_per_s": round(count / max(seconds, 1e-9), 2),
-                          "elbo": config.elbo, "particles": config.particles, "guide_gradient": config.guide_gradient}
-                with open(run_dir / METRICS, "a") as f:
-                    f.write(json.dumps(record) + "\n")
                 bar.update(step, _progress_status(epoch - 1, config.epochs, sums, count, done=True), milestone=True)
-                if not progress:
+                if count and not progress:
                     log(f"epoch {epoch}/{config.epochs}: loss {record['loss']:.3f} "
                         f"(recon {record['recon']:.3f}, kl {record['kl']:.3f}), {record['steps_per_s']:.1f} steps/s")
                 if stop.requested and epoch < config.epochs:
@@ -534,14 +361,18 @@ def train(
         except _Stop:
             partial = {"sums": sums, "count": count, "seconds": time.perf_counter() - epoch_start} if batch_index else None
             save(epoch, batch_index, partial)
-            log(f"interrupted at step {step}: checkpoint saved in {run_dir}; run the same command to resume.")
-            status = "interrupted"
+            log(f"interrupted at step {step}: checkpoint saved in {run.path}; run the same command to resume.")
+            status = Status.interrupted
         except _Diverged as e:
-            raise RunError(
-                f"loss became {e.value} at step {e.step} (epoch {e.epoch + 1}); training stopped and the last good "
-                f"checkpoint in {run_dir} is kept. Try a smaller --lr or another --seed."
-            ) from None
-    return TrainResult(run_dir, epoch, step, time.perf_counter() - started, status)
+            if saved_step is not None:
+                kept = f"the last good checkpoint (step {saved_step}) in {run.path} is kept"
+            elif run.exists():
+                kept = f"{run.path} keeps the run it held before"
+            else:
+                kept = "no checkpoint had been written"
+            raise RunError(f"loss became {e.value} at step {e.step} (epoch {e.epoch + 1}); training stopped and "
+                           f"{kept}. Try a smaller --lr or another --seed.") from None
+    return TrainResult(run.path, epoch, step, time.perf_counter() - started, status)
 
 
 class _Stop(Exception):

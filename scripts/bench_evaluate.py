@@ -21,7 +21,7 @@ from pyro.infer import Importance
 from pyro_cvae.data import evaluation_masks, load_split, visible_input
 from pyro_cvae.evaluate import ncll_per_image
 from pyro_cvae.model import CVAE, get_variant
-from pyro_cvae.train import load_run
+from pyro_cvae.runs import load_run
 
 
 def main() -> None:

@@ -28,9 +28,10 @@ import time
 import torch
 import torch.nn.functional as F
 
+from pyro_cvae.config import TrainConfig
 from pyro_cvae.data import epoch_batches, load_split
-from pyro_cvae.model import CVAE, get_variant
-from pyro_cvae.train import TrainConfig, make_optimizer, train_step
+from pyro_cvae.model import CVAE, Elbo, get_variant
+from pyro_cvae.train import make_elbo, make_optimizer, train_step
 
 
 def plain_loss(cvae: CVAE, x, y, hidden) -> torch.Tensor:
@@ -83,7 +84,7 @@ def main() -> None:
 
     def pyro_route(config: TrainConfig):
         cvae = copy.deepcopy(initial)
-        optimizer, elbo = make_optimizer(cvae, config.lr), config.make_elbo()
+        optimizer, elbo = make_optimizer(cvae, config.lr), make_elbo(Elbo(config.elbo), config.particles)
         return lambda b: train_step(cvae, b, optimizer, config, elbo)
 
     routes = {

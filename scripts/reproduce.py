@@ -30,11 +30,11 @@ from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from pathlib import Path
 
 from pyro_cvae.atomic import atomic_write_text
+from pyro_cvae.config import Mask, TrainConfig
 from pyro_cvae.console import Progress, console
-from pyro_cvae.evaluate import eval_file_name
 from pyro_cvae.model import VARIANTS, get_variant
 from pyro_cvae.references import PYRO_TUTORIAL
-from pyro_cvae.train import TrainConfig, default_run_dir, is_finished, read_metrics
+from pyro_cvae.runs import Run, baseline_run_dir, default_run_dir
 
 # longest first, so that two workers finish close together; the baseline first, others depend on it
 ORDER = ["baseline", "joint-scratch-iwae", "cvae-iwae", "hybrid", "joint-scratch", "joint-pretrained", "gsnn", "cvae",
@@ -48,11 +48,12 @@ def run_one(config: dict, run_dir: str, runs_dir: str, data_dir: str | None, eva
 
     torch.set_num_threads(threads)
     from pyro_cvae.evaluate import evaluate_run
-    from pyro_cvae.train import train
+    from pyro_cvae.train import Status, train
 
-    run_dir = Path(run_dir)
+    run = Run(run_dir)
+    run_dir = run.path
     run_dir.mkdir(parents=True, exist_ok=True)
-    log_file = open(run_dir / "reproduce.log", "a")
+    log_file = open(run.sweep_log_path, "a")
 
     def log(msg: str) -> None:
         log_file.write(msg + "\n")
@@ -60,17 +61,15 @@ def run_one(config: dict, run_dir: str, runs_dir: str, data_dir: str | None, eva
 
     out = {"run_dir": str(run_dir), "evaluations": []}
     try:
-        result = train(TrainConfig(**config), run_dir=run_dir, runs_dir=runs_dir, data_dir=data_dir,
+        result = train(TrainConfig.from_dict(config), run_dir=run_dir, runs_dir=runs_dir, data_dir=data_dir,
                        device="cpu", log=log, progress=False)
-        out["train_status"] = result.status
-        if result.status == "interrupted":
+        out["train_status"] = result.status.value
+        if result.status is Status.interrupted:
             raise RuntimeError("training was interrupted; run the same command to resume")
         variant = get_variant(config["variant"])
         for ev in evaluations:
-            path = run_dir / eval_file_name(ev["split"], variant.importance_samples(ev["samples"]))
-            saved = json.loads(path.read_text()) if path.exists() else {}
-            # train() deletes evaluations of weights it changes; the image count must match too
-            if saved.get("images") == (ev["limit"] or 10000) and saved.get("epochs") == config["epochs"] and not re_evaluate:
+            saved = run.current_evaluation(ev["split"], variant.importance_samples(ev["samples"]), ev["limit"])
+            if saved is not None and not re_evaluate:
                 out["evaluations"].append(saved)
                 continue
             r = evaluate_run(run_dir, samples=ev["samples"], split=ev["split"], limit=ev["limit"],
@@ -85,12 +84,12 @@ def run_one(config: dict, run_dir: str, runs_dir: str, data_dir: str | None, eva
 
 
 def _epochs_done(run_dir: Path) -> int:
-    return len(read_metrics(run_dir))
+    return len(Run(run_dir).read_metrics())
 
 
 def _train_seconds(run_dir: Path) -> tuple[float, int]:
-    """Training time and steps, summed over the epochs logged in metrics.jsonl."""
-    rows = read_metrics(run_dir)
+    """Training time and steps, summed over the epochs of the run's metrics."""
+    rows = Run(run_dir).read_metrics()
     return sum(r["seconds"] for r in rows), (rows[-1]["step"] if rows else 0)
 
 
@@ -180,10 +179,9 @@ def main(argv: list[str] | None = None) -> int:
     for seed in dict.fromkeys(args.seeds):
         for inputs in args.inputs:
             for name in sorted(args.variants, key=ORDER.index):
-                config = TrainConfig(variant=name, epochs=args.epochs, mask=args.mask, inputs=inputs, limit=args.limit,
-                                     seed=seed)
-                base = default_run_dir(args.runs_dir, config.baseline())
-                dep = base if get_variant(name).needs_pretrained_baseline else None
+                config = TrainConfig(variant=name, epochs=args.epochs, mask=Mask(args.mask),
+                                     inputs=inputs if args.mask == "fixed" else None, limit=args.limit, seed=seed)
+                dep = baseline_run_dir(args.runs_dir, config) if get_variant(name).needs_pretrained_baseline else None
                 run_dir = default_run_dir(args.runs_dir, config)
                 runs.append((run_dir.name, config, run_dir, dep))
     # a variant that needs the pretrained baseline waits for it (trained here even when not asked for)
@@ -214,9 +212,9 @@ def main(argv: list[str] | None = None) -> int:
                     name, cfg, rd, dep = item
                     if len(running) >= args.jobs:
                         break
-                    if dep is None or dep in done_dirs or is_finished(dep):
+                    if dep is None or dep in done_dirs or Run(dep).is_finished():
                         pending.remove(item)
-                        fut = pool.submit(run_one, cfg.__dict__, str(rd), str(args.runs_dir), args.data_dir,
+                        fut = pool.submit(run_one, cfg.to_dict(), str(rd), str(args.runs_dir), args.data_dir,
                                           evaluations, args.threads, args.re_evaluate)
                         running[fut] = name
                 finished, _ = wait(list(running), timeout=5, return_when=FIRST_COMPLETED)
@@ -238,9 +236,9 @@ def main(argv: list[str] | None = None) -> int:
         r = results.get(name, {})
         evs = {e["split"]: e for e in r.get("evaluations", [])}
         seconds, steps = _train_seconds(rd)
-        reference = (PYRO_TUTORIAL.get((cfg.variant, cfg.inputs)) if cfg.mask == "fixed"
+        reference = (PYRO_TUTORIAL.get((cfg.variant, cfg.inputs)) if cfg.mask is Mask.fixed
                      else get_variant(cfg.variant).reference_ncll)
-        rows.append({"run": name, "variant": cfg.variant, "seed": cfg.seed, "epochs": _epochs_done(rd), "mask": cfg.mask,
+        rows.append({"run": name, "variant": cfg.variant, "seed": cfg.seed, "epochs": _epochs_done(rd), "mask": cfg.mask.value,
                      "inputs": cfg.inputs, "reference_ncll": reference,
                      "test": evs.get("test"), "train": evs.get("train"), "train_seconds": seconds,
                      "ms_per_step": 1000 * seconds / max(steps, 1), **({"error": r["error"]} if "error" in r else {})})

@@ -4,7 +4,8 @@ from pathlib import Path
 
 import torch
 
-from pyro_cvae.train import TrainConfig, train
+from pyro_cvae.config import TrainConfig
+from pyro_cvae.train import train
 
 
 def fake_images(n: int, seed: int = 0) -> torch.Tensor:

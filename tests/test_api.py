@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import pyro_cvae
-from pyro_cvae import data, evaluate, model, sample, train
+from pyro_cvae import data, evaluate, model, runs, sample
 
 from .helpers import train_tiny
 
@@ -19,7 +19,7 @@ README = Path(__file__).resolve().parents[1] / "README.md"
 def test_every_export_is_the_library_object_and_documented():
     assert {"load_run", "completions", "evaluate_run", "ncll_per_image", "VARIANTS", "get_variant",
             "evaluation_masks", "load_split"} <= set(pyro_cvae.__all__)
-    assert pyro_cvae.load_run is train.load_run and pyro_cvae.completions is sample.completions
+    assert pyro_cvae.load_run is runs.load_run and pyro_cvae.completions is sample.completions
     assert pyro_cvae.ncll_per_image is evaluate.ncll_per_image and pyro_cvae.VARIANTS is model.VARIANTS
     assert pyro_cvae.evaluation_masks is data.evaluation_masks
     for name in pyro_cvae.__all__:

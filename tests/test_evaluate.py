@@ -12,7 +12,7 @@ from typer.testing import CliRunner
 from pyro_cvae.cli import app
 from pyro_cvae.data import evaluation_masks, make_batch, visible_input
 from pyro_cvae.evaluate import evaluate_run, log_weights, ncll_per_image
-from pyro_cvae.train import RunError, load_run
+from pyro_cvae.runs import RunError, load_run
 
 from .helpers import fake_images, train_tiny
 
@@ -178,13 +178,13 @@ def test_evaluate_without_a_run_evaluates_every_trained_run_and_reuses_current_r
     assert rows["baseline"][1:4] == ["1", "8", "1"] and rows["no-baseline"][1:4] == ["1", "8", "3"]
     assert rows["no-baseline"][7] == "71.36", "on test images: the reference's own test figure"
     assert rows["baseline"][7] == "-", "the reference measured no baseline on test images"
-    saved = json.loads((two_runs / "no-baseline" / "eval-test-S3.json").read_text())
+    saved = json.loads((two_runs / "no-baseline" / "eval-test-S3-n8-seed0.json").read_text())
     assert saved["ncll"] == pytest.approx(float(rows["no-baseline"][4]), abs=0.01) and saved["images"] == 8
-    stamp = (two_runs / "no-baseline" / "eval-test-S3.json").stat().st_mtime_ns
+    stamp = (two_runs / "no-baseline" / "eval-test-S3-n8-seed0.json").stat().st_mtime_ns
 
     again = runner.invoke(app, args)
     assert again.exit_code == 0 and again.output.count("(saved)") == 2, again.output
-    assert (two_runs / "no-baseline" / "eval-test-S3.json").stat().st_mtime_ns == stamp
+    assert (two_runs / "no-baseline" / "eval-test-S3-n8-seed0.json").stat().st_mtime_ns == stamp
     other = runner.invoke(app, [*args[:-4], "--limit", "6", *args[-4:]])  # other options: evaluated again
     assert other.exit_code == 0 and "(saved)" not in other.output and _table_rows(other.output)["baseline"][2] == "6"
     forced = runner.invoke(app, [*args, "--force", "--limit", "6"])
@@ -197,7 +197,7 @@ def test_evaluate_with_a_named_run_evaluates_that_run_only(two_runs, mnist_dir):
     assert result.exit_code == 0, result.output
     rows = _table_rows(result.output)
     assert "no-baseline" in rows and "baseline" not in rows and rows["no-baseline"][2:4] == ["4", "2"]
-    assert str(two_runs / "no-baseline" / "eval-test-S2.json") in result.output
+    assert str(two_runs / "no-baseline" / "eval-test-S2-n4-seed0.json") in result.output
 
 
 @pytest.mark.parametrize("command", ["evaluate", "sample"])

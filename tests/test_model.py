@@ -4,16 +4,15 @@ import pyro
 import pyro.poutine as poutine
 import pytest
 import torch
+from pyro.distributions.kl import kl_divergence
 from pyro.infer import Trace_ELBO, TraceMeanField_ELBO
 
+from pyro_cvae.config import TrainConfig
 from pyro_cvae.data import hidden_masks, make_batch
-from pyro_cvae.model import CVAE, VARIANTS, get_variant, hidden_pixels
-from pyro_cvae.nets import GenerationNet
-from pyro.distributions.kl import kl_divergence
-
 from pyro_cvae.estimators import GuideGradient
-from pyro_cvae.model import Elbo
-from pyro_cvae.train import TrainConfig, make_elbo, make_optimizer, objective_backward, train_step
+from pyro_cvae.model import CVAE, VARIANTS, Elbo, get_variant, hidden_pixels
+from pyro_cvae.nets import GenerationNet
+from pyro_cvae.train import make_elbo, make_optimizer, objective_backward, train_step
 
 from .helpers import fake_images
 
@@ -56,8 +55,8 @@ def test_registry_is_the_ten_variants_of_the_design_and_the_importance_weighted_
                               "joint-scratch-iwae", "cvae-iwae"]
     for name, like in [("joint-scratch-iwae", "joint-scratch"), ("cvae-iwae", "cvae")]:
         new, old = VARIANTS[name], VARIANTS[like]
-        assert (new.baseline, new.baseline_init, new.prior, new.conditioned_decoder) == (
-            old.baseline, old.baseline_init, old.prior, old.conditioned_decoder)  # the same model
+        assert (new.baseline, new.pretrained, new.prior, new.conditioned_decoder) == (
+            old.baseline, old.pretrained, old.prior, old.conditioned_decoder)  # the same model
         assert TrainConfig(variant=name).elbo == "iwae" and TrainConfig(variant=name).particles == 10
         assert TrainConfig(variant=name, elbo="meanfield").particles == 1
     assert TrainConfig(variant="joint-scratch", elbo="iwae").particles == 5

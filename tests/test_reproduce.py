@@ -1,10 +1,12 @@
 import json
+import os
 import re
 import subprocess
 import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+ENV = {**os.environ, "PYTHONPATH": str(ROOT)}  # the scripts import this checkout's package, whatever is installed
 
 
 def test_reproduce_trains_evaluates_and_writes_the_table(tmp_path, mnist_dir):
@@ -12,7 +14,7 @@ def test_reproduce_trains_evaluates_and_writes_the_table(tmp_path, mnist_dir):
     cmd = [sys.executable, str(ROOT / "scripts" / "reproduce.py"), "--variants", "cvae", "unconditioned-prior",
            "--epochs", "1", "--limit", "64", "--samples", "2", "--test-images", "20", "--train-images", "20",
            "--jobs", "2", "--runs-dir", str(runs), "--data-dir", str(mnist_dir)]
-    first = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    first = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=ENV)
     assert first.returncode == 0, first.stdout + first.stderr
     # its output is a pipe: a plain line per run finished and a progress line, no bar
     assert {"baseline: done", "cvae: done", "unconditioned-prior: done"} <= set(first.stdout.splitlines())
@@ -30,7 +32,7 @@ def test_reproduce_trains_evaluates_and_writes_the_table(tmp_path, mnist_dir):
     assert all(line.count("|") == 10 for line in table.splitlines() if line.startswith("|"))
     # a second invocation trains and evaluates nothing again
     stamp = (runs / "cvae" / "checkpoint.pt").stat().st_mtime_ns
-    second = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    second = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=ENV)
     assert second.returncode == 0, second.stdout + second.stderr
     assert (runs / "cvae" / "checkpoint.pt").stat().st_mtime_ns == stamp
     again = {r["run"]: r for r in json.loads((runs / "results.json").read_text())["runs"]}
@@ -42,7 +44,7 @@ def test_reproduce_over_seeds_names_each_run_by_its_seed_and_summarises_them(tmp
     cmd = [sys.executable, str(ROOT / "scripts" / "reproduce.py"), "--variants", "no-baseline", "--seeds", "0", "3",
            "--epochs", "1", "--limit", "64", "--samples", "2", "--test-images", "20", "--train-images", "0",
            "--jobs", "2", "--runs-dir", str(runs), "--data-dir", str(mnist_dir)]
-    done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=ENV)
     assert done.returncode == 0, done.stdout + done.stderr
     results = json.loads((runs / "results.json").read_text())
     by_run = {r["run"]: r for r in results["runs"]}

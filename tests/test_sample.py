@@ -14,8 +14,8 @@ from pyro_cvae.cli import app
 from pyro_cvae.data import evaluation_masks, visible_input
 from pyro_cvae.evaluate import evaluate_run
 from pyro_cvae.plots import plot_runs
+from pyro_cvae.runs import RunError, load_run
 from pyro_cvae.sample import compare_runs, completions, grid_tensor, sample_grid
-from pyro_cvae.train import RunError, load_run
 
 from .helpers import fake_images, train_tiny
 

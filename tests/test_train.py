@@ -10,7 +10,9 @@ from typer.testing import CliRunner
 
 from pyro_cvae import train as train_mod
 from pyro_cvae.cli import app
-from pyro_cvae.train import CHECKPOINT, RunError, TrainConfig, load_run, train
+from pyro_cvae.config import TrainConfig
+from pyro_cvae.runs import CHECKPOINT, RunError, load_run
+from pyro_cvae.train import train
 
 from .helpers import fake_images, train_tiny
 
@@ -192,7 +194,7 @@ def test_fixed_masks_name_their_runs_and_baselines(tmp_path, mnist_dir):
     result = runner.invoke(app, ["evaluate", "--variant", "cvae", "--mask", "fixed", "--inputs", "2", "--samples", "2",
                                  "--limit", "10", "--threads", "1", *common])
     assert result.exit_code == 0, result.output
-    saved = json.loads((tmp_path / "cvae-fixed2" / "eval-test-S2.json").read_text())
+    saved = json.loads((tmp_path / "cvae-fixed2" / "eval-test-S2-n10-seed0.json").read_text())
     assert saved["mask"] == "fixed" and saved["inputs"] == 2 and saved["images"] == 10
 
 

@@ -1,0 +1,209 @@
+"""What a command is asked to do: one dataclass per kind of job, holding each option's default
+and its check. The CLI reads its defaults from here, and every check fails with an
+``OptionError`` (a ``ValueError``) that names the option as the CLI spells it."""
+
+from __future__ import annotations
+
+import enum
+import math
+from dataclasses import asdict, dataclass, fields
+from typing import Any
+
+import torch
+
+from .estimators import GuideGradient
+from .model import VARIANTS, Elbo, Objective, get_variant
+
+SEED_LIMIT = 2**32  # numpy's seeds (set by pyro.set_rng_seed) are 32-bit
+
+
+class OptionError(ValueError):
+    """An option's value is refused; the message names the option as the CLI spells it."""
+
+
+class Mask(str, enum.Enum):
+    """Masking protocol: ``random`` (one of four quadrants visible, the reference's) or ``fixed``."""
+
+    random = "random"
+    fixed = "fixed"
+
+
+class Split(str, enum.Enum):
+    test = "test"
+    train = "train"
+
+
+def check_split(split: str) -> Split:
+    if split not in [s.value for s in Split]:
+        raise OptionError(f"--split must be test or train, got {split!r}.")
+    return Split(split)
+
+
+def require_at_least_one(**options: int | None) -> None:
+    """Refuse a count option below 1 (None means "not given"), naming it as the CLI does."""
+    for name, value in options.items():
+        if value is not None and value < 1:
+            raise OptionError(f"--{name.replace('_', '-')} must be at least 1, got {value}.")
+
+
+def check_seed(seed: int) -> None:
+    if not 0 <= seed < SEED_LIMIT:
+        raise OptionError(f"--seed must be an integer from 0 to {SEED_LIMIT - 1}, got {seed}.")
+
+
+def resolve_device(device: str = "auto") -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise ValueError("--device cuda asked for, but no CUDA device is available; use --device cpu.")
+    if device not in ("cpu", "cuda"):
+        raise OptionError(f"--device must be auto, cpu or cuda, got {device!r}.")
+    return torch.device(device)
+
+
+@dataclass
+class TrainConfig:
+    """Everything that defines a run. Defaults are the reference implementation's protocol.
+
+    ``inputs`` belongs to the fixed protocol (default 1 there) and ``hybrid_weight`` to the
+    ``hybrid`` variant (default 0.5 there); given elsewhere they are refused, not ignored."""
+
+    variant: str = "joint-scratch"
+    epochs: int = 20
+    batch_size: int = 32
+    lr: float = 1e-3
+    clip_norm: float = 1.0  # on the gradient of the per-image mean loss
+    seed: int = 0
+    mask: Mask = Mask.random
+    inputs: int | None = None  # visible quadrants, with mask="fixed"
+    limit: int | None = None  # use the first N training images only
+    hybrid_weight: float | None = None  # weight of the CVAE objective in "hybrid" (the GSNN gets 1 - it)
+    elbo: str | None = None  # meanfield, trace or iwae; default: the variant's (meanfield but for *-iwae)
+    particles: int | None = None  # K; default: the variant's with its own ELBO, else 5 for iwae and 1 otherwise
+    guide_gradient: str | None = None  # reparam, stl or dreg (estimators.GuideGradient); default: the variant's
+
+    def __post_init__(self) -> None:
+        if self.mask in (Mask.random, Mask.fixed):
+            self.mask = Mask(self.mask)
+        if self.mask is Mask.fixed and self.inputs is None:
+            self.inputs = 1
+        if self.hybrid_weight is None and _is_hybrid(self.variant):
+            self.hybrid_weight = 0.5
+        variant = VARIANTS.get(self.variant)
+        if variant is not None:
+            if self.elbo is None:
+                self.elbo = variant.elbo.value
+            if self.guide_gradient is None:
+                self.guide_gradient = variant.guide_gradient.value
+            if self.particles is None:
+                same = self.elbo == variant.elbo.value
+                self.particles = variant.particles if same else 5 if self.elbo == Elbo.iwae.value else 1
+
+    def validate(self) -> "TrainConfig":
+        variant = get_variant(self.variant)
+        require_at_least_one(epochs=self.epochs, batch_size=self.batch_size, limit=self.limit, particles=self.particles)
+        check_seed(self.seed)
+        hybrid = variant.objective is Objective.hybrid
+        checks = [
+            (self.lr > 0 and math.isfinite(self.lr), f"--lr must be a positive number, got {self.lr}"),
+            (self.clip_norm > 0, f"clip norm must be positive, got {self.clip_norm}"),
+            (isinstance(self.mask, Mask), f"--mask must be random or fixed, got {self.mask!r}"),
+            (self.mask is Mask.fixed or self.inputs is None,
+             f"--inputs {self.inputs} applies to --mask fixed only (random masks show one quadrant); drop it or add --mask fixed"),
+            (self.inputs in (None, 1, 2, 3), f"--inputs must be 1, 2 or 3 visible quadrants, got {self.inputs}"),
+            (hybrid or self.hybrid_weight is None,
+             f"--hybrid-weight applies to --variant hybrid only, not {self.variant}; drop it"),
+            (not hybrid or 0.0 <= self.hybrid_weight <= 1.0, f"--hybrid-weight must lie in [0, 1], got {self.hybrid_weight}"),
+            (self.elbo in {e.value for e in Elbo}, f"--elbo must be one of {', '.join(e.value for e in Elbo)}, got {self.elbo!r}"),
+            (variant.objective is not Objective.baseline or (self.elbo != Elbo.iwae.value and self.particles == 1),
+             "the baseline has no latent variable: --elbo iwae and --particles do not apply to it"),
+            (self.guide_gradient in {g.value for g in GuideGradient},
+             f"--guide-gradient must be one of {', '.join(g.value for g in GuideGradient)}, got {self.guide_gradient!r}"),
+            (self.guide_gradient != GuideGradient.stl.value or self.elbo != Elbo.meanfield.value,
+             "--guide-gradient stl needs a Monte Carlo KL: use it with --elbo trace or iwae"),
+            (self.guide_gradient != GuideGradient.dreg.value or self.elbo == Elbo.iwae.value,
+             "--guide-gradient dreg is for the importance-weighted bound: use it with --elbo iwae"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise OptionError(message + ".")
+        return self
+
+    def differences(self, other: "TrainConfig") -> dict[str, tuple[Any, Any]]:
+        """Fields where two configs describe different runs (the number of epochs may grow)."""
+        return {f.name: (getattr(self, f.name), getattr(other, f.name)) for f in fields(self)
+                if f.name != "epochs" and getattr(self, f.name) != getattr(other, f.name)}
+
+    def data_options(self) -> dict[str, Any]:
+        """What decides the images and masks a run trains on: a pretrained baseline must share them."""
+        return {"mask": self.mask.value, "inputs": self.inputs, "limit": self.limit}
+
+    def baseline(self) -> "TrainConfig":
+        """The config of the pretrained baseline this run's variant starts from."""
+        return TrainConfig(**{**self.to_dict(), "variant": "baseline", "hybrid_weight": None, "elbo": None,
+                              "particles": None, "guide_gradient": None})
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**asdict(self), "mask": self.mask.value}
+
+    @classmethod
+    def from_dict(cls, raw: Any) -> "TrainConfig":
+        """A config as saved; ``ValueError`` naming the first field of the wrong type or value.
+        Runs saved before ``inputs`` and ``hybrid_weight`` were refused where they do not apply
+        stored their defaults there: those are read as "not given"."""
+        if not isinstance(raw, dict):
+            raise ValueError(f"a config is a JSON object, not {type(raw).__name__}")
+        values = {}
+        for f in fields(cls):
+            if f.name not in raw:
+                continue
+            value = raw[f.name]
+            kind = f.type.split(" | ")[0]  # "int", "float", "str" or "Mask"; "| None" when it may be absent
+            expected, what = {"int": (int, "an integer"), "float": ((int, float), "a number")}.get(kind, (str, "a string"))
+            absent = value is None and "None" in f.type
+            if not absent and (isinstance(value, bool) or not isinstance(value, expected)):
+                raise ValueError(f"{f.name} is {value!r}, not {what}")
+            values[f.name] = value
+        if values.get("mask", "random") == "random" and values.get("inputs") == 1:
+            values["inputs"] = None
+        if not _is_hybrid(values.get("variant")) and values.get("hybrid_weight") == 0.5:
+            values["hybrid_weight"] = None
+        config = cls(**values)
+        return config.validate()
+
+
+def _is_hybrid(variant: str | None) -> bool:
+    return variant in VARIANTS and VARIANTS[variant].objective is Objective.hybrid
+
+
+@dataclass
+class EvalConfig:
+    """How ``evaluate`` measures NCLL."""
+
+    samples: int = 100  # importance samples S per image
+    split: Split = Split.test
+    limit: int | None = None  # the first N images of the split only
+    batch_size: int = 50  # images per chunk: with S = 100 particles, 5,000 rows fit the CPU cache best
+    seed: int = 0  # of the evaluation masks and the z draws
+
+    def validate(self) -> "EvalConfig":
+        require_at_least_one(samples=self.samples, limit=self.limit, batch_size=self.batch_size)
+        check_seed(self.seed)
+        self.split = check_split(self.split)
+        return self
+
+
+@dataclass
+class SampleConfig:
+    """What ``sample`` draws."""
+
+    num_images: int = 10  # columns: the first N images of the split
+    num_samples: int = 10  # CVAE completions per image, one row each
+    split: Split = Split.test
+    seed: int = 0  # of the masks (as evaluate draws them) and the z draws
+
+    def validate(self) -> "SampleConfig":
+        require_at_least_one(num_images=self.num_images, num_samples=self.num_samples)
+        check_seed(self.seed)
+        self.split = check_split(self.split)
+        return self

@@ -1,0 +1,378 @@
+"""A run directory, and the only module that knows its files.
+
+    config.json                   the run's configuration, a readable copy of the checkpoint's
+    checkpoint.pt                 model, optimiser and RNG state, epoch, batch, step, config and
+                                  the per-epoch metrics: the truth about the run
+    metrics.jsonl                 one line per epoch, a readable copy of the checkpoint's
+    eval-<split>-S<S>.json        an evaluation on the whole split with seed 0 (plot and tables
+                                  read these); eval-<split>-S<S>-n<N>-seed<K>.json otherwise
+    samples-<split>.png           a sample grid
+    reproduce.log                 what scripts/reproduce.py did with the run
+    train.lock                    the id of the process training the run, while it does
+
+Every file is written atomically. A checkpoint is written first and the copies after it, so a
+kill between the two leaves the checkpoint right and the copies are redone from it. Results
+record the checkpoint they were computed from and count only while it is the one on disk.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import uuid
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import torch
+
+from .atomic import atomic_write, atomic_write_text, pid_alive, remove_stale_temporaries
+from .config import Mask, OptionError, TrainConfig
+from .model import CVAE, VARIANTS, get_variant
+
+CONFIG = "config.json"
+CHECKPOINT = "checkpoint.pt"
+METRICS = "metrics.jsonl"
+LOCK = "train.lock"
+# what a checkpoint must hold, and of which type
+_CHECKPOINT_KEYS = {"model": dict, "optimizer": dict, "epoch": int, "batch": int, "step": int,
+                    "rng": torch.Tensor, "config": dict}
+
+
+class RunError(RuntimeError):
+    """A run directory is missing, unfinished, inconsistent, busy or diverged; the message says what to do."""
+
+
+def run_name(variant: str, mask: Mask | str = Mask.random, inputs: int | None = None, seed: int = 0) -> str:
+    """``joint-scratch``, ``cvae-fixed2``; a training seed other than 0 is named: ``joint-scratch-seed1``."""
+    name = variant if Mask(mask) is Mask.random else f"{variant}-fixed{inputs or 1}"
+    return name if seed == 0 else f"{name}-seed{seed}"
+
+
+def default_run_dir(runs_dir: str | Path, config: TrainConfig) -> Path:
+    return Path(runs_dir) / run_name(config.variant, config.mask, config.inputs, config.seed)
+
+
+def comparison_path(runs_dir: str | Path, split: str, mask: Mask, inputs: int | None) -> Path:
+    """The picture comparing the runs of one masking protocol, in the runs directory."""
+    return Path(runs_dir) / f"samples-{split}{'' if Mask(mask) is Mask.random else f'-fixed{inputs}'}.png"
+
+
+def baseline_run_dir(runs_dir: str | Path, config: TrainConfig) -> Path:
+    """Where the pretrained baseline of a run's variant (and of its masks) lives."""
+    return default_run_dir(runs_dir, config.baseline())
+
+
+def select_run(run_dir: Path | None, runs_dir: Path | None, variant: str | None = None,
+               mask: Mask | None = None, inputs: int | None = None) -> Path | None:
+    """The run a command names: ``run_dir``, or ``runs_dir/<variant>[-fixed<K>]``; None when
+    none is named. Beside a ``run_dir``, a variant, mask or inputs must be what that run holds:
+    they are never ignored."""
+    if run_dir is None:
+        if variant is None:
+            if mask is not None or inputs is not None:
+                raise OptionError("--mask and --inputs choose among the runs of a --variant; add --variant NAME.")
+            return None
+        if inputs is not None and mask is not Mask.fixed:
+            raise OptionError(f"--inputs {inputs} applies to --mask fixed only; drop it or add --mask fixed.")
+        return Path(runs_dir or "runs") / run_name(variant, mask or Mask.random, inputs)
+    if variant is None and mask is None and inputs is None:
+        return run_dir
+    config = Run(run_dir).config()
+    asked = {"--variant": (variant, config.variant), "--mask": (mask and Mask(mask).value, config.mask.value),
+             "--inputs": (inputs, config.inputs)}
+    for option, (value, held) in asked.items():
+        if value is not None and value != held:
+            holds = f"{config.variant} on {config.mask.value} masks" + (f", {config.inputs} visible" if config.inputs else "")
+            raise OptionError(f"{run_dir} holds a run of {holds}, not {option} {value}; drop {option} "
+                             f"or name the run with --variant/--mask/--inputs and --runs-dir instead of --run-dir.")
+    return run_dir
+
+
+@dataclass
+class Run:
+    """One run directory: what it holds, read and written consistently."""
+
+    path: Path
+
+    def __post_init__(self) -> None:
+        self.path = Path(self.path)
+
+    # ------------------------------------------------------------------ files
+
+    @property
+    def checkpoint_path(self) -> Path:
+        return self.path / CHECKPOINT
+
+    @property
+    def config_path(self) -> Path:
+        return self.path / CONFIG
+
+    @property
+    def metrics_path(self) -> Path:
+        return self.path / METRICS
+
+    def evaluation_path(self, split: str, samples: int, limit: int | None = None, seed: int = 0) -> Path:
+        """S as drawn (``Variant.importance_samples``); ``limit`` None: the whole split."""
+        name = f"eval-{split}-S{samples}"
+        if limit is not None or seed != 0:
+            name += f"-n{limit if limit is not None else 'all'}-seed{seed}"
+        return self.path / f"{name}.json"
+
+    def samples_path(self, split: str) -> Path:
+        return self.path / f"samples-{split}.png"
+
+    @property
+    def sweep_log_path(self) -> Path:
+        return self.path / "reproduce.log"
+
+    def exists(self) -> bool:
+        return self.checkpoint_path.is_file()
+
+    # ------------------------------------------------------------------ lock
+
+    @contextmanager
+    def lock(self) -> Iterator[None]:
+        """Hold the run for one training process. The run directory is made here and removed
+        again on the way out if the command left nothing in it (with the folders made for it)."""
+        made = [p for p in (self.path, *self.path.parents) if not p.exists()]
+        self.path.mkdir(parents=True, exist_ok=True)
+        try:
+            self._acquire()
+            try:
+                remove_stale_temporaries(self.path)
+                yield
+            finally:
+                (self.path / LOCK).unlink(missing_ok=True)
+        finally:
+            for folder in made:  # deepest first
+                try:
+                    folder.rmdir()
+                except OSError:  # not empty (or not ours to remove): keep it
+                    break
+
+    def _acquire(self) -> None:
+        lock = self.path / LOCK
+        mine = self.path / f".{LOCK}.tmp{os.getpid()}"
+        mine.write_text(f"{os.getpid()}\n")
+        try:
+            for _ in range(2):
+                try:
+                    os.link(mine, lock)  # atomic, and the lock is never seen without its pid
+                    return
+                except FileExistsError:
+                    holder = _lock_holder(lock)
+                    if holder is not None and pid_alive(holder):
+                        raise RunError(f"{self.path} is being trained by process {holder}; wait for it to finish "
+                                       f"(or stop it: kill {holder}) and run this command again.") from None
+                    lock.unlink(missing_ok=True)  # left by a process that died: take it over
+            raise RunError(f"{self.path} is being locked by another process; run this command again.")
+        finally:
+            mine.unlink(missing_ok=True)
+
+    # ------------------------------------------------------------------ checkpoint and config
+
+    def read_checkpoint(self, device: torch.device | str = "cpu", mmap: bool = False) -> dict:
+        """The checkpoint, checked to be one of this package's (``RunError`` naming what is wrong);
+        ``mmap``: tensors are mapped, not read (to look at the counters only)."""
+        path = self.checkpoint_path
+        if not path.is_file():
+            raise RunError(f"no checkpoint in {self.path}; train it first: pyro-cvae train --run-dir {self.path} --variant NAME.")
+        try:
+            checkpoint = torch.load(path, map_location=device, weights_only=False, mmap=mmap)
+        except PermissionError as e:
+            raise RunError(f"{path} cannot be read ({e.strerror}); check its permissions.") from None
+        except Exception as e:
+            raise RunError(f"{path} cannot be read ({type(e).__name__}): it is truncated or corrupt; delete it "
+                           "and train again with --force.") from None
+        problem = _checkpoint_problem(checkpoint)
+        if problem:
+            raise RunError(f"{path} is not a checkpoint of this program ({problem}); delete it or train again with --force.")
+        return checkpoint
+
+    def config(self, checkpoint: dict | None = None, log: Callable[[str], None] | None = None) -> TrainConfig:
+        """The run's config, from its checkpoint (the truth); ``log`` hears of an edited config.json."""
+        checkpoint = checkpoint if checkpoint is not None else self.read_checkpoint(mmap=True)
+        config = TrainConfig.from_dict(checkpoint["config"])
+        if log is not None and self._config_copy() != config.to_dict():
+            log(f"note: {self.config_path} does not match the checkpoint; using the checkpoint's config ({config.variant}).")
+        return config
+
+    def _config_copy(self) -> Any:
+        try:
+            return json.loads(self.config_path.read_text())
+        except (OSError, ValueError):
+            return None
+
+    def write_checkpoint(self, state: dict) -> None:
+        """Save a checkpoint, then its readable copies; results of earlier weights are removed."""
+        try:
+            atomic_write(self.checkpoint_path, lambda tmp: torch.save(state, tmp))
+        except (OSError, RuntimeError) as e:  # torch reports a full disk as a RuntimeError
+            kept = "the previous checkpoint is kept" if self.exists() else "no checkpoint was written"
+            raise RunError(f"cannot save {self.checkpoint_path} ({type(e).__name__}: {e}); {kept}. "
+                           "Free disk space and run the same command to resume.") from None
+        self.write_copies(state)
+        for stale in [*self.path.glob("eval-*.json"), *self.path.glob("samples-*.png")]:
+            stale.unlink(missing_ok=True)
+
+    def write_copies(self, checkpoint: dict) -> None:
+        """config.json and metrics.jsonl as the checkpoint has them (redone after a kill between)."""
+        if self._config_copy() != checkpoint["config"]:
+            atomic_write_text(json.dumps(checkpoint["config"], indent=2) + "\n", self.config_path)
+        lines = "".join(json.dumps(record) + "\n" for record in checkpoint.get("metrics", []))
+        if "metrics" in checkpoint and _read_text(self.metrics_path) != lines:
+            atomic_write_text(lines, self.metrics_path)
+
+    def read_metrics(self) -> list[dict]:
+        """The per-epoch records of the run, in epoch order: the checkpoint's, else (a run saved
+        before checkpoints held them) metrics.jsonl's, whose torn lines are skipped."""
+        try:
+            checkpoint = torch.load(self.checkpoint_path, map_location="cpu", weights_only=False, mmap=True)
+            if _checkpoint_problem(checkpoint) is None and isinstance(checkpoint.get("metrics"), list):
+                return list(checkpoint["metrics"])
+        except Exception:
+            pass
+        by_epoch = {}
+        for line in (_read_text(self.metrics_path) or "").splitlines():
+            try:
+                record = json.loads(line)
+                by_epoch[int(record["epoch"])] = record
+            except (ValueError, KeyError, TypeError):
+                continue
+        return [by_epoch[e] for e in sorted(by_epoch)]
+
+    def is_finished(self) -> bool:
+        """Whether the directory holds a run trained for all the epochs of its config."""
+        try:
+            checkpoint = self.read_checkpoint(mmap=True)
+            return checkpoint["epoch"] >= self.config(checkpoint).epochs
+        except (RunError, ValueError):
+            return False
+
+    def load(self, device: torch.device | str = "cpu", log: Callable[[str], None] | None = None
+             ) -> tuple[CVAE, TrainConfig, dict]:
+        """A trained (or partly trained) run: the model with its weights, its config and checkpoint."""
+        if not self.exists() and not self.config_path.is_file():
+            raise RunError(f"{self.path} is not a run (no {CHECKPOINT}); train one with: "
+                           f"pyro-cvae train --variant NAME --run-dir {self.path}.")
+        checkpoint = self.read_checkpoint(device)
+        try:
+            config = self.config(checkpoint, log)
+        except ValueError as e:
+            raise RunError(f"{self.checkpoint_path} holds a config that is not valid ({e}); train again with --force.") from None
+        cvae = CVAE(get_variant(config.variant)).to(device)
+        try:
+            cvae.load_state_dict(checkpoint["model"])
+        except (KeyError, RuntimeError) as e:
+            raise RunError(f"{self.checkpoint_path} does not fit a {config.variant} model ({type(e).__name__}); "
+                           "train it again with --force.") from None
+        return cvae, config, checkpoint
+
+    # ------------------------------------------------------------------ evaluations
+
+    def write_evaluation(self, record: dict, limit: int | None) -> Path:
+        path = self.evaluation_path(record["split"], record["samples"], limit, record["seed"])
+        atomic_write_text(json.dumps(record, indent=2) + "\n", path)
+        return path
+
+    def current_evaluation(self, split: str, samples: int, limit: int | None = None, seed: int = 0) -> dict | None:
+        """The saved evaluation of these options, if it was computed from the checkpoint on disk."""
+        return self._current(self.evaluation_path(split, samples, limit, seed), self._identity())
+
+    def best_evaluation(self, split: str) -> dict | None:
+        """The current evaluation on ``split`` with the most importance samples, then images
+        (then seed 0's masks), if any."""
+        identity = self._identity()
+        found = [r for p in self.path.glob(f"eval-{split}-S*.json") if (r := self._current(p, identity)) is not None]
+        return max(found, key=lambda r: (r["samples"], r.get("images", 0), r.get("seed") == 0), default=None)
+
+    def _identity(self) -> dict | None:
+        try:
+            checkpoint = torch.load(self.checkpoint_path, map_location="cpu", weights_only=False, mmap=True)
+            return {"step": checkpoint["step"], "epoch": checkpoint["epoch"], "run_id": checkpoint.get("run_id")}
+        except Exception:
+            return None
+
+    @staticmethod
+    def _current(path: Path, identity: dict | None) -> dict | None:
+        try:
+            record = json.loads(path.read_text())
+            int(record["samples"]), float(record["ncll"])
+        except (OSError, ValueError, KeyError, TypeError):
+            return None
+        if identity is None:
+            return None
+        if "step" in record:
+            current = record["step"] == identity["step"] and record.get("run_id") == identity["run_id"]
+        else:  # written before results named their checkpoint
+            current = record.get("epochs") == identity["epoch"]
+        return record if current else None
+
+
+def runs_in(runs_dir: str | Path) -> list[Run]:
+    """The run directories in a runs directory, by name (runs being trained included)."""
+    runs_dir = Path(runs_dir)
+    folders = sorted(runs_dir.iterdir()) if runs_dir.is_dir() else []
+    return [Run(p) for p in folders if (p / CHECKPOINT).is_file() or (p / CONFIG).is_file()]
+
+
+def trained_runs(runs_dir: str | Path) -> list[tuple[Path, TrainConfig]]:
+    """The runs in ``runs_dir`` with at least one epoch trained, and their configs, in the order
+    of the variant registry (then by name)."""
+    found = []
+    for run in runs_in(runs_dir):
+        try:
+            checkpoint = run.read_checkpoint(mmap=True)
+            if checkpoint["epoch"] > 0:
+                found.append((run.path, run.config(checkpoint)))
+        except (RunError, ValueError):
+            continue
+    order = list(VARIANTS)
+    return sorted(found, key=lambda run: (order.index(run[1].variant) if run[1].variant in order else len(order),
+                                          run[0].name))
+
+
+def require_trained_runs(runs_dir: str | Path) -> list[tuple[Path, TrainConfig]]:
+    """``trained_runs``, or a RunError that says how to train one."""
+    runs = trained_runs(runs_dir)
+    if not runs:
+        raise RunError(f"no trained run in {runs_dir}; train one with: pyro-cvae train --variant joint-scratch "
+                       f"--runs-dir {runs_dir} (or point --runs-dir at the folder that holds your runs).")
+    return runs
+
+
+def new_run_id() -> str:
+    """Names one training from scratch: results of a run trained over again do not count for it."""
+    return uuid.uuid4().hex
+
+
+def load_run(run_dir: str | Path, device: torch.device | str = "cpu", log: Callable[[str], None] | None = None
+             ) -> tuple[CVAE, TrainConfig, dict]:
+    """A trained (or partly trained) run: the model with its weights, its config and checkpoint."""
+    return Run(run_dir).load(device, log)
+
+
+def _checkpoint_problem(checkpoint: Any) -> str | None:
+    if not isinstance(checkpoint, dict):
+        return f"a {type(checkpoint).__name__}, not a dict"
+    missing = [k for k in _CHECKPOINT_KEYS if k not in checkpoint]
+    if missing:
+        return f"no {', '.join(missing)}"
+    wrong = [k for k, kind in _CHECKPOINT_KEYS.items() if not isinstance(checkpoint[k], kind)]
+    return f"{', '.join(wrong)} of the wrong type" if wrong else None
+
+
+def _lock_holder(lock: Path) -> int | None:
+    try:
+        return int(lock.read_text().strip())
+    except (OSError, ValueError):
+        return None
+
+
+def _read_text(path: Path) -> str | None:
+    try:
+        return path.read_text()
+    except OSError:
+        return None
