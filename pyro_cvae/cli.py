@@ -37,7 +37,7 @@ DataDir = Annotated[
     typer.Option(help=f"Folder with the four MNIST IDX files (raw or .gz). Default: ${data_lib.DATA_ENV}, else a cache folder."),
 ]
 RunsDir = Annotated[Path, typer.Option(help="Folder of run directories, one per variant.")]
-RunDir = Annotated[Optional[Path], typer.Option(help="The run directory itself (default: RUNS_DIR/VARIANT).")]
+RunDir = Annotated[Optional[Path], typer.Option(help="The run directory itself (default: RUNS_DIR/VARIANT[-fixedK][-seedS]).")]
 DeviceOpt = Annotated[Device, typer.Option(help="Where to compute.")]
 Threads = Annotated[Optional[int], typer.Option(min=1, help="CPU threads for PyTorch (default: all cores).")]
 # which run, for the commands that read one: RUNS_DIR/VARIANT (with its mask protocol) or RUN_DIR
@@ -121,7 +121,7 @@ def train_cmd(
     threads: Threads = None,
     progress: Annotated[bool, typer.Option(help="Show a progress bar (else a line per epoch).")] = True,
 ) -> None:
-    """Train a variant (or resume its unfinished run) with SVI; leaves RUNS_DIR/VARIANT/."""
+    """Train a variant (or resume its unfinished run) on a Pyro ELBO; leaves RUNS_DIR/VARIANT[-fixedK][-seedS]/."""
     from .train import Status, train
 
     _threads(threads)
@@ -238,7 +238,7 @@ def plot_cmd(
     runs_dir: RunsDir = Path("runs"),
     out: Annotated[Optional[Path], typer.Option(help="PNG to write (default: RUNS_DIR/plots.png).")] = None,
 ) -> None:
-    """Training curves of every run in RUNS_DIR and, where evaluated, test NCLL beside the reference's."""
+    """Training curves of every run in RUNS_DIR and, where evaluated, its NCLL on test and train images beside the outside figure measured the same way."""
     from .plots import plot_runs
 
     console.print(f"wrote {escape(str(plot_runs(runs_dir, out)))}", highlight=False)

@@ -93,10 +93,10 @@ class TrainConfig:
         if variant is not None:
             if self.elbo is None:
                 self.elbo = variant.elbo.value
+            same = self.elbo == variant.elbo.value  # else the variant's K and guide gradient do not apply
             if self.guide_gradient is None:
-                self.guide_gradient = variant.guide_gradient.value
+                self.guide_gradient = variant.guide_gradient.value if same else GuideGradient.reparam.value
             if self.particles is None:
-                same = self.elbo == variant.elbo.value
                 self.particles = variant.particles if same else 5 if self.elbo == Elbo.iwae.value else 1
 
     def validate(self) -> "TrainConfig":
@@ -166,7 +166,7 @@ class TrainConfig:
             values[f.name] = value
         if values.get("mask", "random") == "random" and values.get("inputs") == 1:
             values["inputs"] = None
-        if not _is_hybrid(values.get("variant")) and values.get("hybrid_weight") == 0.5:
+        if not _is_hybrid(values.get("variant")):  # stored, and ignored, by runs of the first landing
             values["hybrid_weight"] = None
         config = cls(**values)
         return config.validate()

@@ -195,7 +195,7 @@ class Run:
         """The run's config, from its checkpoint (the truth); ``log`` hears of an edited config.json."""
         checkpoint = checkpoint if checkpoint is not None else self.read_checkpoint(mmap=True)
         config = TrainConfig.from_dict(checkpoint["config"])
-        if log is not None and self._config_copy() != config.to_dict():
+        if log is not None and self._config_copy() != checkpoint["config"]:
             log(f"note: {self.config_path} does not match the checkpoint; using the checkpoint's config ({config.variant}).")
         return config
 

@@ -103,11 +103,14 @@ def objective_backward(cvae: CVAE, batch: Batch, elbo: ELBO, hybrid_weight: floa
     over images, so its gradient is scaled afterwards. recon and KL come from the traces of the
     first term's draws (for meanfield, KL is the closed form: loss - recon). ``guide_gradient``
     stl or dreg wraps the ELBO call in ``GuidePathGradient``."""
+    if guide_gradient == GuideGradient.dreg and not isinstance(elbo, RenyiELBO):
+        raise ValueError("DReG gradients are for the importance-weighted bound: use them with RenyiELBO (--elbo iwae).")
     args = (batch.x, batch.y, batch.hidden)
     n = batch.x.shape[0]
     params = cvae.trainable_parameters()
     loss, recon, kl = 0.0, 0.0, 0.0
-    for i, (weight, guide) in enumerate(_terms(cvae, hybrid_weight)):
+    first = True
+    for weight, guide in _terms(cvae, hybrid_weight):
         if weight == 0:
             continue
         model_draws, guide_draws = Draws(), Draws()  # keep the draws for recon and KL
@@ -131,7 +134,8 @@ def objective_backward(cvae: CVAE, batch: Batch, elbo: ELBO, hybrid_weight: floa
                 (term_tensor * (weight / n)).backward()
                 term = term_tensor.item()
         loss += weight * term / n
-        if i == 0:
+        if first:  # recon and KL of the first term computed (the CVAE's, in a hybrid)
+            first = False
             closed_form_kl = isinstance(elbo, TraceMeanField_ELBO)  # then KL = loss - recon, nothing to recompute
             log_lik, log_ratio = _log_terms(model_draws, None if closed_form_kl else guide_draws)
             particles = log_lik.numel() / n

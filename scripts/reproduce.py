@@ -178,7 +178,7 @@ def main(argv: list[str] | None = None) -> int:
     runs = []  # (name, config, run_dir, depends_on)
     for seed in dict.fromkeys(args.seeds):
         for inputs in args.inputs:
-            for name in sorted(args.variants, key=ORDER.index):
+            for name in sorted(args.variants, key=lambda v: ORDER.index(v) if v in ORDER else len(ORDER)):
                 config = TrainConfig(variant=name, epochs=args.epochs, mask=Mask(args.mask),
                                      inputs=inputs if args.mask == "fixed" else None, limit=args.limit, seed=seed)
                 dep = baseline_run_dir(args.runs_dir, config) if get_variant(name).needs_pretrained_baseline else None

@@ -6,6 +6,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -220,7 +221,16 @@ def test_a_saved_config_of_the_wrong_type_is_named():
 def test_ctrl_c_while_the_command_starts_is_one_line(tmp_path):
     proc = subprocess.Popen([sys.executable, "-m", "pyro_cvae", "train", "--runs-dir", str(tmp_path / "runs")],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    time.sleep(0.3)  # importing torch and pyro takes longer
+    # interrupt once torch's library is loading: the heavy imports are under way, the run is not started
+    maps = Path(f"/proc/{proc.pid}/maps")
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and proc.poll() is None:
+        try:
+            if "libtorch" in maps.read_text():
+                break
+        except OSError:
+            pass
+        time.sleep(0.01)
     proc.send_signal(signal.SIGINT)
     out, err = proc.communicate(timeout=60)
     assert proc.returncode == 130 and "Traceback" not in err and "interrupted" in err
