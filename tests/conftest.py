@@ -8,6 +8,11 @@ from .helpers import train_tiny
 
 torch.set_num_threads(1)  # tiny tensors: threads only add overhead
 
+# CI gives PYRO_CVAE_DATA=../shared/mnist, relative to the checkout: made absolute, it still holds
+# for tests that change directory and for the commands they start elsewhere
+if os.environ.get("PYRO_CVAE_DATA"):
+    os.environ["PYRO_CVAE_DATA"] = os.path.abspath(os.environ["PYRO_CVAE_DATA"])
+
 
 @pytest.fixture(autouse=True)
 def _isolated_cache(tmp_path, monkeypatch):
