@@ -110,13 +110,14 @@ VARIANTS: dict[str, Variant] = {
                 reference_config="cvae-ucprior.yml", reference_ncll=76.024),
         Variant("joint-pretrained", "baseline starts pretrained and trains with the CVAE", baseline=Baseline.joint,
                 pretrained=True, reference_config="cvae-unfreeze-baseline.yml", reference_ncll=69.352),
-        Variant("joint-scratch", "baseline starts random and trains with the CVAE", baseline=Baseline.joint, reference_config="cvae-unfreeze-baseline-wopt.yml", reference_ncll=67.813),
+        Variant("joint-scratch", "baseline starts random and trains with the CVAE", baseline=Baseline.joint,
+                reference_config="cvae-unfreeze-baseline-wopt.yml", reference_ncll=67.813),
         Variant("gsnn", "paper's GSNN: log p(y|x,z), z from the prior; as joint-scratch, no recognition net",
                 baseline=Baseline.joint, objective=Objective.gsnn),
         Variant("hybrid", "paper's weighted sum of the CVAE and GSNN objectives; as joint-scratch",
                 baseline=Baseline.joint, objective=Objective.hybrid),
         # beyond the table: the same models trained on the importance-weighted bound (K=10) with doubly
-        # reparameterised gradients; compared with the reference's figure for that model
+        # reparameterised gradients; their reference columns are the reference's (meanfield) figures for that model
         Variant("joint-scratch-iwae", "as joint-scratch, trained on the IWAE bound (K=10, DReG)",
                 baseline=Baseline.joint, elbo=Elbo.iwae, particles=10, guide_gradient=GuideGradient.dreg,
                 reference_config="cvae-unfreeze-baseline-wopt.yml", reference_ncll=67.813),
