@@ -33,8 +33,8 @@ from pyro_cvae.atomic import atomic_write_text
 from pyro_cvae.config import Mask, TrainConfig
 from pyro_cvae.console import Progress, console
 from pyro_cvae.model import VARIANTS, get_variant
-from pyro_cvae.references import PYRO_TUTORIAL
-from pyro_cvae.runs import Run, baseline_run_dir, default_run_dir
+from pyro_cvae.references import reference_for
+from pyro_cvae.runs import Run, baseline_run_dir, default_run_dir, run_name
 
 # longest first, so that two workers finish close together; the baseline first, others depend on it
 ORDER = ["baseline", "joint-scratch-iwae", "cvae-iwae", "hybrid", "joint-scratch", "joint-pretrained", "gsnn", "cvae",
@@ -133,7 +133,7 @@ def seed_summary(rows: list[dict]) -> list[dict]:
     """Mean and standard deviation over training seeds of each variant (and mask) run with several."""
     groups: dict[str, list[dict]] = {}
     for r in rows:
-        key = r["variant"] if r["mask"] == "random" else f"{r['variant']}-fixed{r['inputs']}"
+        key = run_name(r["variant"], r["mask"], r["inputs"])  # the run's name without its seed
         groups.setdefault(key, []).append(r)
     summary = []
     for key, members in groups.items():
@@ -236,8 +236,9 @@ def main(argv: list[str] | None = None) -> int:
         r = results.get(name, {})
         evs = {e["split"]: e for e in r.get("evaluations", [])}
         seconds, steps = _train_seconds(rd)
-        reference = (PYRO_TUTORIAL.get((cfg.variant, cfg.inputs)) if cfg.mask is Mask.fixed
-                     else get_variant(cfg.variant).reference_ncll)
+        # the figure the table compares with: Pyro's tutorial on test images, else the reference's table (train)
+        outside = reference_for(cfg.variant, cfg.mask, cfg.inputs, "test" if cfg.mask is Mask.fixed else "train")
+        reference = outside.ncll if outside else None
         rows.append({"run": name, "variant": cfg.variant, "seed": cfg.seed, "epochs": _epochs_done(rd), "mask": cfg.mask.value,
                      "inputs": cfg.inputs, "reference_ncll": reference,
                      "test": evs.get("test"), "train": evs.get("train"), "train_seconds": seconds,
