@@ -282,11 +282,13 @@ class Run:
         return self._current(self.evaluation_path(split, samples, limit, seed), self._identity())
 
     def best_evaluation(self, split: str) -> dict | None:
-        """The current evaluation on ``split`` with the most importance samples, then images
-        (then seed 0's masks), if any."""
+        """The current evaluation on ``split`` most like the protocol the outside figures used
+        (seed 0's masks, the most images, S=100, then the most samples), if any: a plot must not
+        set an S=5,000 figure on 1,000 images beside the reference's S=100 on 10,000."""
         identity = self._identity()
         found = [r for p in self.path.glob(f"eval-{split}-S*.json") if (r := self._current(p, identity)) is not None]
-        return max(found, key=lambda r: (r["samples"], r.get("images", 0), r.get("seed") == 0), default=None)
+        return max(found, key=lambda r: (r.get("seed") == 0, r.get("images", 0), r["samples"] == 100, r["samples"]),
+                   default=None)
 
     def _identity(self) -> dict | None:
         try:

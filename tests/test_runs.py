@@ -130,6 +130,9 @@ def test_an_evaluation_of_part_of_a_split_or_another_seed_keeps_the_full_one(fin
     assert part["images"] == 4 and part["seed"] == 7
     run = Run(finished)
     assert run.best_evaluation("test") == full and run.current_evaluation("test", 2, 4, 7) == part
+    # more samples on fewer images is a different protocol: the plot keeps the whole split
+    evaluate_run(finished, samples=5, limit=4, images=fake_images(8), device="cpu", log=lambda m: None)
+    assert run.best_evaluation("test") == full
 
 
 def test_results_of_other_weights_do_not_count(finished):
