@@ -311,3 +311,17 @@ def test_grey_bernoulli_is_torchs_bernoulli_on_grey_targets():
     expanded = GreyBernoulli(logits[0]).expand((3, 5, 588))
     assert isinstance(expanded, GreyBernoulli) and expanded.batch_shape == (3, 5, 588)
     assert torch.allclose(expanded.mean, torch.sigmoid(logits[0]).expand(3, 5, 588))
+
+
+def test_dreg_leaves_nothing_alive_after_the_step():
+    """The hook on z refers to the kept draws, which refer to z: a cycle through autograd that
+    Python's collector cannot see. Each step must drop it, or every step's graph stays in memory."""
+    import gc
+
+    from pyro_cvae.estimators import GuidePathGradient
+
+    cvae = CVAE(get_variant("joint-scratch"))
+    for seed in range(3):
+        backward(cvae, batch(), "iwae", 4, seed=seed, guide_gradient=GuideGradient.dreg)
+    gc.collect()
+    assert not [o for o in gc.get_objects() if type(o) is GuidePathGradient]
