@@ -49,11 +49,11 @@ REFERENCE_STYLE = {
 }
 
 
-def _ncll_panel(ax, runs: list[Run], split: str) -> None:
+def _ncll_panel(ax, runs: list[Run], split: str, best: list[dict[str, dict | None]]) -> None:
     """Our NCLL on ``split`` as points with standard-error bars, a row per run (``runs``, top to
-    bottom), each beside the outside figure measured on the same split and masks; the axis spans
-    the data, not from zero, so that differences of a nat show."""
-    evaluations = {i: e for i, run in enumerate(runs) if (e := run.best_evaluation(split)) is not None}
+    bottom; ``best[i][split]`` its evaluation), each beside the outside figure measured on the same
+    split and masks; the axis spans the data, not from zero, so that differences of a nat show."""
+    evaluations = {i: e for i in range(len(runs)) if (e := best[i][split]) is not None}
     # S of the sampled runs (a deterministic one is exact with S=1) and image counts, in the title when shared
     samples = {e["samples"] for e in evaluations.values() if e["samples"] > 1}
     images = {e.get("images") for e in evaluations.values()}
@@ -90,8 +90,9 @@ def plot_runs(runs_dir: str | Path = "runs", out: str | Path | None = None) -> P
     if not runs:
         raise ValueError(f"no runs in {runs_dir} (no sub-folder holds a trained run); train one with: "
                          f"pyro-cvae train --runs-dir {runs_dir}, or point --runs-dir at the right folder.")
-    splits = [split for split in ("test", "train") if any(run.best_evaluation(split) for run in runs)]
-    evaluated = [run for run in runs if any(run.best_evaluation(split) for split in splits)]
+    best_of = {run.path: {split: run.best_evaluation(split) for split in ("test", "train")} for run in runs}
+    splits = [split for split in ("test", "train") if any(best_of[run.path][split] for run in runs)]
+    evaluated = [run for run in runs if any(best_of[run.path][split] for split in splits)]
 
     ncll_height = 1.5 + 0.45 * len(evaluated)
     fig = Figure(figsize=(12, 4 + (ncll_height if splits else 0)), dpi=DPI, layout="constrained")
@@ -112,7 +113,7 @@ def plot_runs(runs_dir: str | Path = "runs", out: str | Path | None = None) -> P
     if ncll is not None:  # test (against the reference's own test figures) beside train
         panels = ncll.subplots(1, len(splits), sharey=True, squeeze=False)[0]
         for ax, split in zip(panels, splits):
-            _ncll_panel(ax, evaluated, split)
+            _ncll_panel(ax, evaluated, split, [best_of[run.path] for run in evaluated])
         panels[0].set_yticks(range(len(evaluated)), [run.path.name for run in evaluated])
         panels[0].set_ylim(len(evaluated) - 0.5, -0.5)  # the first run at the top
         kinds = {}  # one legend entry per kind of point, however many points and panels
