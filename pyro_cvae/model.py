@@ -70,7 +70,7 @@ class Variant:
     name: str
     summary: str
     baseline: Baseline = Baseline.none
-    pretrained: bool = False
+    pretrained: bool = False  # the baseline starts from the runs folder's pretrained baseline run
     prior: Prior = Prior.conditional
     conditioned_decoder: bool = False
     objective: Objective = Objective.cvae
@@ -79,10 +79,6 @@ class Variant:
     elbo: Elbo = Elbo.meanfield  # the default training objective (--elbo overrides)
     particles: int = 1  # K of that objective (--particles overrides)
     guide_gradient: GuideGradient = GuideGradient.reparam  # (--guide-gradient overrides)
-
-    @property
-    def needs_pretrained_baseline(self) -> bool:
-        return self.pretrained
 
     @property
     def has_recognition_net(self) -> bool:

@@ -240,7 +240,7 @@ def train(
             images = images[: config.limit]
         images = images.to(device)
         pretrained = None
-        if checkpoint is None and get_variant(config.variant).needs_pretrained_baseline:
+        if checkpoint is None and get_variant(config.variant).pretrained:
             pretrained = _pretrained_baseline(config, runs_dir, device, data_dir, log, progress)
         return _train_loop(config, run, checkpoint, images, pretrained, device, log, progress)
 

@@ -181,7 +181,7 @@ def main(argv: list[str] | None = None) -> int:
             for name in sorted(args.variants, key=lambda v: ORDER.index(v) if v in ORDER else len(ORDER)):
                 config = TrainConfig(variant=name, epochs=args.epochs, mask=Mask(args.mask),
                                      inputs=inputs if args.mask == "fixed" else None, limit=args.limit, seed=seed)
-                dep = baseline_run_dir(args.runs_dir, config) if get_variant(name).needs_pretrained_baseline else None
+                dep = baseline_run_dir(args.runs_dir, config) if get_variant(name).pretrained else None
                 run_dir = default_run_dir(args.runs_dir, config)
                 runs.append((run_dir.name, config, run_dir, dep))
     # a variant that needs the pretrained baseline waits for it (trained here even when not asked for)
