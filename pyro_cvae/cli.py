@@ -112,7 +112,7 @@ def train_cmd(
     hybrid_weight: Annotated[Optional[float], typer.Option(help="Weight in [0, 1] of the CVAE term in 'hybrid' (default: 0.5).")] = TrainConfig.hybrid_weight,
     elbo: Annotated[Optional[Elbo], typer.Option(help="Training objective: meanfield (TraceMeanField_ELBO, closed-form KL), trace (Trace_ELBO), iwae (RenyiELBO alpha=0). Default: the variant's.")] = TrainConfig.elbo,
     particles: Annotated[Optional[int], typer.Option(help="Particles K of the ELBO (default: the variant's; 5 with iwae, else 1).")] = TrainConfig.particles,
-    guide_gradient: Annotated[Optional[GuideGradient], typer.Option(help="Guide gradient: reparam (Pyro's), stl (sticking the landing; trace or iwae), dreg (doubly reparameterised; iwae). Default: the variant's.")] = TrainConfig.guide_gradient,
+    guide_gradient: Annotated[Optional[GuideGradient], typer.Option(help="Guide gradient: reparam (Pyro's), stl (sticking the landing; trace or iwae), dreg (doubly reparameterised; iwae), rws (reweighted wake-sleep's wake update, doubly reparameterised: a mass-covering proposal; iwae, K>1). Default: the variant's.")] = TrainConfig.guide_gradient,
     force: Annotated[bool, typer.Option(help="Start over even if the run directory holds a run.")] = False,
     data_dir: DataDir = None,
     runs_dir: Annotated[Optional[Path], typer.Option(help="Folder of run directories (default: runs; with --run-dir, the folder holding it: where the pretrained baseline is found).")] = None,

@@ -80,7 +80,7 @@ class TrainConfig:
     hybrid_weight: float | None = None  # weight of the CVAE objective in "hybrid" (the GSNN gets 1 - it)
     elbo: str | None = None  # meanfield, trace or iwae; default: the variant's (meanfield but for *-iwae)
     particles: int | None = None  # K; default: the variant's with its own ELBO, else 5 for iwae and 1 otherwise
-    guide_gradient: str | None = None  # reparam, stl or dreg (estimators.GuideGradient); default: the variant's
+    guide_gradient: str | None = None  # reparam, stl, dreg or rws (estimators.GuideGradient); default: the variant's
 
     def __post_init__(self) -> None:
         if self.mask in (Mask.random, Mask.fixed):
@@ -121,8 +121,10 @@ class TrainConfig:
              f"--guide-gradient must be one of {', '.join(g.value for g in GuideGradient)}, got {self.guide_gradient!r}"),
             (self.guide_gradient != GuideGradient.stl.value or self.elbo != Elbo.meanfield.value,
              "--guide-gradient stl needs a Monte Carlo KL: use it with --elbo trace or iwae"),
-            (self.guide_gradient != GuideGradient.dreg.value or self.elbo == Elbo.iwae.value,
-             "--guide-gradient dreg is for the importance-weighted bound: use it with --elbo iwae"),
+            (self.guide_gradient not in (GuideGradient.dreg.value, GuideGradient.rws.value) or self.elbo == Elbo.iwae.value,
+             f"--guide-gradient {self.guide_gradient} is for the importance-weighted bound: use it with --elbo iwae"),
+            (self.guide_gradient != GuideGradient.rws.value or self.particles > 1,
+             "--guide-gradient rws weighs particles against each other: use it with --particles 2 or more"),
         ]
         for ok, message in checks:
             if not ok:

@@ -6,7 +6,13 @@ landing" (STL; Roeder, Wu & Duvenaud 2017) drops it. With the importance-weighte
 guide's gradient also degrades as K grows (Rainforth et al. 2018); doubly reparameterised
 gradients (DReG; Tucker, Lawson, Gu & Maddison 2019) fix that, unbiasedly, by weighting each
 particle's path gradient by its normalised importance weight once more (w~_k^2 instead of w~_k).
-Pyro has neither (pyro-ppl/pyro issue #2598, draft PR #2605 for an IWAE-DReG loss, unmerged), so
+Both train the guide on the bound, which makes q mode-seeking: a tight bound for K draws, but a
+narrow proposal for the importance sampler that measures NCLL. Reweighted wake-sleep's wake-phase
+update (Bornschein & Bengio 2015; Le et al. 2019) instead trains q to minimise KL(p(z|x,y) || q),
+which covers the posterior's mass; its doubly reparameterised form (Tucker et al. 2019, sec. 4)
+weights each path gradient by w~_k - w~_k^2. Pyro's ``ReweightedWakeSleep`` has the score-function
+form only, with one weight for a whole mini-batch ("mini-batch training is not supported yet", its
+docstring says), so it cannot train this amortised guide per image. Pyro has neither DReG estimator (pyro-ppl/pyro issue #2598, draft PR #2605 for an IWAE-DReG loss, unmerged), so
 ``GuidePathGradient`` adds them around an unchanged Pyro ELBO call:
 
     with GuidePathGradient(weights=...):
@@ -29,6 +35,7 @@ class GuideGradient(str, enum.Enum):
     reparam = "reparam"  # Pyro's default: path and score of log q
     stl = "stl"  # sticking the landing: the path only (needs a Monte Carlo KL: trace or iwae)
     dreg = "dreg"  # doubly reparameterised (iwae only): the path, weighted by w~_k^2
+    rws = "rws"  # wake-phase update, doubly reparameterised (iwae, K > 1): the path, weighted by w~_k - w~_k^2
 
 
 def stopped(fn: dist.Distribution) -> dist.Distribution:

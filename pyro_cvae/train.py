@@ -102,9 +102,10 @@ def objective_backward(cvae: CVAE, batch: Batch, elbo: ELBO, hybrid_weight: floa
     ``RenyiELBO`` has none, and its ``loss_and_grads`` runs the backward pass itself, on the sum
     over images, so its gradient is scaled afterwards. recon and KL come from the traces of the
     first term's draws (for meanfield, KL is the closed form: loss - recon). ``guide_gradient``
-    stl or dreg wraps the ELBO call in ``GuidePathGradient``."""
-    if guide_gradient == GuideGradient.dreg and not isinstance(elbo, RenyiELBO):
-        raise ValueError("DReG gradients are for the importance-weighted bound: use them with RenyiELBO (--elbo iwae).")
+    stl, dreg or rws wraps the ELBO call in ``GuidePathGradient``."""
+    if guide_gradient in (GuideGradient.dreg, GuideGradient.rws) and not isinstance(elbo, RenyiELBO):
+        raise ValueError(f"{guide_gradient.value} gradients are for the importance-weighted bound: "
+                         "use them with RenyiELBO (--elbo iwae).")
     args = (batch.x, batch.y, batch.hidden)
     n = batch.x.shape[0]
     params = cvae.trainable_parameters()
@@ -117,7 +118,12 @@ def objective_backward(cvae: CVAE, batch: Batch, elbo: ELBO, hybrid_weight: floa
         model, guide = model_draws(cvae.model), guide_draws(guide)
         path_gradient = contextlib.nullcontext()
         if guide_gradient != GuideGradient.reparam:
-            weights = _normalized_weights(model_draws, guide_draws) if guide_gradient == GuideGradient.dreg else None
+            weights = None  # stl
+            if guide_gradient != GuideGradient.stl:
+                w = _normalized_weights(model_draws, guide_draws)
+                # RenyiELBO's path gradient reaching z_k is w~_k dlog w_k/dz_k: times w~_k (DReG), or times
+                # 1 - w~_k (the wake-phase update, w~_k - w~_k^2)
+                weights = w if guide_gradient == GuideGradient.dreg else lambda: 1 - w()
             path_gradient = GuidePathGradient(weights)
         with path_gradient:
             if isinstance(elbo, RenyiELBO):

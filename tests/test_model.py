@@ -182,13 +182,15 @@ def test_importance_weighted_bound_is_per_image_and_tighter_with_more_particles(
     assert whole == pytest.approx(per_image, rel=1e-5)
 
 
-def test_dreg_gradient_is_the_doubly_reparameterised_estimator():
-    """Tucker et al. (2019): the model gets sum_k w~_k grad log w_k, the guide sum_k w~_k^2 times the
-    path derivative of log w_k, with q scored at stopped parameters; computed here by hand."""
+@pytest.mark.parametrize("gradient", [GuideGradient.dreg, GuideGradient.rws])
+def test_dreg_gradient_is_the_doubly_reparameterised_estimator(gradient):
+    """Tucker et al. (2019): the model gets sum_k w~_k grad log w_k, the guide sum_k w~_k^2 (IWAE's
+    DReG) or sum_k (w~_k - w~_k^2) (the wake-phase update's) times the path derivative of log w_k,
+    with q scored at stopped parameters; computed here by hand."""
     cvae = CVAE(get_variant("joint-scratch"))
     b = batch()
     K = 6
-    _, ours = backward(cvae, b, "iwae", K, seed=1, guide_gradient=GuideGradient.dreg)
+    _, ours = backward(cvae, b, "iwae", K, seed=1, guide_gradient=gradient)
     pyro.set_rng_seed(1)
     with pyro.plate("particles", K, dim=-2):
         gt = poutine.trace(cvae.guide).get_trace(b.x, b.y, b.hidden)
@@ -202,7 +204,9 @@ def test_dreg_gradient_is_the_doubly_reparameterised_estimator():
     model_names = [n for n in named if n not in guide_names]
     expected = dict(zip(model_names, torch.autograd.grad(-(w * log_w).sum() / B, [named[n] for n in model_names],
                                                           retain_graph=True)))
-    expected.update(zip(guide_names, torch.autograd.grad(-(w**2 * log_w).sum() / B, [named[n] for n in guide_names])))
+    guide_weights = w**2 if gradient == GuideGradient.dreg else w - w**2
+    expected.update(zip(guide_names, torch.autograd.grad(-(guide_weights * log_w).sum() / B,
+                                                         [named[n] for n in guide_names])))
     for name, grad in expected.items():
         assert close(ours[name], grad, 1e-3), name
 
@@ -325,3 +329,4 @@ def test_dreg_leaves_nothing_alive_after_the_step():
         backward(cvae, batch(), "iwae", 4, seed=seed, guide_gradient=GuideGradient.dreg)
     gc.collect()
     assert not [o for o in gc.get_objects() if type(o) is GuidePathGradient]
+

@@ -77,6 +77,8 @@ def test_the_elbo_is_part_of_the_run(tmp_path):
         ({"variant": "baseline", "elbo": "iwae"}, "no latent variable"),
         ({"elbo": "meanfield", "guide_gradient": "stl"}, "needs a Monte Carlo KL"),
         ({"elbo": "trace", "guide_gradient": "dreg"}, "use it with --elbo iwae"),
+        ({"elbo": "meanfield", "guide_gradient": "rws"}, "rws is for the importance-weighted bound"),
+        ({"elbo": "iwae", "particles": 1, "guide_gradient": "rws"}, "--particles 2 or more"),
         ({"elbo": "iwae", "particles": 0}, "--particles must be at least 1"),
         ({"elbo": "renyi"}, "--elbo must be one of meanfield, trace, iwae"),
     ],
