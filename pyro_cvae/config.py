@@ -123,6 +123,9 @@ class TrainConfig:
              "--guide-gradient stl needs a Monte Carlo KL: use it with --elbo trace or iwae"),
             (self.guide_gradient not in (GuideGradient.dreg.value, GuideGradient.rws.value) or self.elbo == Elbo.iwae.value,
              f"--guide-gradient {self.guide_gradient} is for the importance-weighted bound: use it with --elbo iwae"),
+            (not variant.guide_flows or self.guide_gradient == GuideGradient.reparam.value,
+             f"--guide-gradient {self.guide_gradient} scores a Gaussian guide at stopped parameters; {self.variant}'s "
+             "guide has flows: use --guide-gradient reparam"),
             (self.guide_gradient != GuideGradient.rws.value or self.particles > 1,
              "--guide-gradient rws weighs particles against each other: use it with --particles 2 or more"),
         ]
