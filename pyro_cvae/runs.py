@@ -25,6 +25,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
+try:
+    import fcntl
+except ImportError:  # not POSIX
+    fcntl = None
+
 import torch
 
 from .atomic import atomic_write, atomic_write_text, pid_alive, remove_stale_temporaries
@@ -135,16 +140,23 @@ class Run:
     @contextmanager
     def lock(self) -> Iterator[None]:
         """Hold the run for one training process. The run directory is made here and removed
-        again on the way out if the command left nothing in it (with the folders made for it)."""
+        again on the way out if the command left nothing in it (with the folders made for it).
+
+        The lock is ``train.lock``, holding the trainer's pid, and an exclusive ``flock`` on it
+        that the system drops when the process dies however it dies: a lock whose file is left
+        but whose flock is free is stale, and taking it over is atomic (the new lock file is
+        flocked before it replaces the old one), so two processes can never both train a run."""
         made = [p for p in (self.path, *self.path.parents) if not p.exists()]
         self.path.mkdir(parents=True, exist_ok=True)
         try:
-            self._acquire()
+            held = self._acquire()
             try:
                 remove_stale_temporaries(self.path)
                 yield
             finally:
-                (self.path / LOCK).unlink(missing_ok=True)
+                (self.path / LOCK).unlink(missing_ok=True)  # while still flocked
+                if held is not None:
+                    os.close(held)
         finally:
             for folder in made:  # deepest first
                 try:
@@ -152,24 +164,56 @@ class Run:
                 except OSError:  # not empty (or not ours to remove): keep it
                     break
 
-    def _acquire(self) -> None:
+    def _acquire(self) -> int | None:
+        """Take the lock; the flocked descriptor to keep until the run is released."""
         lock = self.path / LOCK
         mine = self.path / f".{LOCK}.tmp{os.getpid()}"
         mine.write_text(f"{os.getpid()}\n")
+        fd = _flocked(mine)  # a new file: always ours
         try:
-            for _ in range(2):
+            for _ in range(3):
                 try:
                     os.link(mine, lock)  # atomic, and the lock is never seen without its pid
-                    return
+                    return fd
                 except FileExistsError:
-                    holder = _lock_holder(lock)
-                    if holder is not None and pid_alive(holder):
-                        raise RunError(f"{self.path} is being trained by process {holder}; wait for it to finish "
-                                       f"(or stop it: kill {holder}) and run this command again.") from None
-                    lock.unlink(missing_ok=True)  # left by a process that died: take it over
+                    if not self._take_over_if_stale(lock, mine):
+                        continue  # it changed under us: look again
+                    return fd
             raise RunError(f"{self.path} is being locked by another process; run this command again.")
+        except BaseException:
+            if fd is not None:
+                os.close(fd)
+            raise
         finally:
             mine.unlink(missing_ok=True)
+
+    def _take_over_if_stale(self, lock: Path, mine: Path) -> bool:
+        """Replace ``lock`` by ``mine`` (already flocked) if its holder is gone; RunError naming
+        the holder if it is alive; False if the lock file vanished or changed meanwhile."""
+        holder = _lock_holder(lock)
+        if fcntl is None:  # no flock here: the pid alone says whether the holder lives
+            if holder is not None and pid_alive(holder):
+                raise RunError(_held_message(self.path, holder))
+            lock.unlink(missing_ok=True)
+            return False
+        try:
+            old = os.open(lock, os.O_RDWR)
+        except FileNotFoundError:
+            return False
+        try:
+            try:
+                fcntl.flock(old, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                raise RunError(_held_message(self.path, _lock_holder(lock) or holder)) from None
+            try:
+                if not os.path.samestat(os.fstat(old), os.stat(lock)):
+                    return False  # replaced since we opened it
+            except FileNotFoundError:
+                return False
+            os.replace(mine, lock)  # left by a process that died: ours now, flocked before it appears
+            return True
+        finally:
+            os.close(old)
 
     # ------------------------------------------------------------------ checkpoint and config
 
@@ -364,6 +408,21 @@ def _checkpoint_problem(checkpoint: Any) -> str | None:
         return f"no {', '.join(missing)}"
     wrong = [k for k, kind in _CHECKPOINT_KEYS.items() if not isinstance(checkpoint[k], kind)]
     return f"{', '.join(wrong)} of the wrong type" if wrong else None
+
+
+def _flocked(path: Path) -> int | None:
+    """An open descriptor of ``path`` holding an exclusive flock (None where there is no flock)."""
+    if fcntl is None:
+        return None
+    fd = os.open(path, os.O_RDWR)
+    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    return fd
+
+
+def _held_message(path: Path, holder: int | None) -> str:
+    who = f"process {holder}" if holder is not None else "another process"
+    stop = f" (or stop it: kill {holder})" if holder is not None else ""
+    return f"{path} is being trained by {who}; wait for it to finish{stop} and run this command again."
 
 
 def _lock_holder(lock: Path) -> int | None:

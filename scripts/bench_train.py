@@ -54,7 +54,7 @@ def main() -> None:
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--particles", type=int, default=10, help="K of the iwae route")
-    p.add_argument("--guide-gradient", default="dreg", choices=["reparam", "stl", "dreg"], help="of the iwae route")
+    p.add_argument("--guide-gradient", default="dreg", choices=["reparam", "stl", "dreg", "rws"], help="of the iwae route")
     p.add_argument("--data-dir", default=None)
     args = p.parse_args()
     torch.set_num_threads(args.threads)

@@ -1,6 +1,7 @@
 """The run directory under a hostile user: nothing lost, nothing mixed, one line for each mistake."""
 
 import json
+import fcntl
 import os
 import signal
 import subprocess
@@ -80,11 +81,21 @@ def test_force_replaces_the_old_run_only_when_its_first_checkpoint_is_written(fi
 
 
 def test_a_second_trainer_is_refused_naming_the_holder(finished):
-    (finished / LOCK).write_text(f"{os.getppid()}\n")  # a live process holds the run
-    before = _snapshot(finished)
-    with pytest.raises(RunError, match=rf"being trained by process {os.getppid()}; wait for it"):
-        train_tiny(finished, "no-baseline", epochs=2)
-    assert _snapshot(finished) == before
+    (finished / LOCK).write_text(f"{os.getppid()}\n")  # a live process holds the run: its pid and a flock
+    with open(finished / LOCK) as held:
+        fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        before = _snapshot(finished)
+        with pytest.raises(RunError, match=rf"being trained by process {os.getppid()}; wait for it"):
+            train_tiny(finished, "no-baseline", epochs=2)
+        assert _snapshot(finished) == before
+
+
+def test_a_lock_whose_flock_is_free_is_stale_even_if_its_pid_lives_again(finished):
+    """A pid can be reused by an unrelated process after a crash; the flock cannot outlive its
+    process, so it, not the pid, says whether the run is held."""
+    (finished / LOCK).write_text(f"{os.getppid()}\n")  # a live pid, but nobody holds the flock
+    assert train_tiny(finished, "no-baseline", epochs=2).status is Status.finished
+    assert not (finished / LOCK).exists()
 
 
 def test_a_stale_lock_of_a_dead_process_is_taken_over(finished):
