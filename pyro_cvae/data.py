@@ -35,6 +35,18 @@ SPLIT_FILES = {
     "train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
     "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"),
 }
+
+
+def split_size(split: str) -> int:
+    """Images in a split of the verified MNIST files."""
+    return FILES[SPLIT_FILES[split][0]][1][0]
+
+
+def whole_split_limit(split: str, limit: int | None) -> int | None:
+    """``limit`` as evaluations name it: None when it covers the whole split."""
+    return None if limit is None or limit >= split_size(split) else limit
+
+
 IDX_MAGIC = {3: 2051, 1: 2049}  # number of dimensions -> magic number of a uint8 IDX file
 DATA_ENV = "PYRO_CVAE_DATA"
 

@@ -32,6 +32,7 @@ from pathlib import Path
 from pyro_cvae.atomic import atomic_write_text
 from pyro_cvae.config import Mask, TrainConfig
 from pyro_cvae.console import Progress, console
+from pyro_cvae.data import whole_split_limit
 from pyro_cvae.model import VARIANTS, get_variant
 from pyro_cvae.references import reference_for
 from pyro_cvae.runs import Run, baseline_run_dir, default_run_dir, run_name
@@ -171,9 +172,11 @@ def main(argv: list[str] | None = None) -> int:
         p.error("--epochs, --jobs and --samples must be at least 1")
 
     command = "python scripts/reproduce.py " + " ".join(sys.argv[1:] if argv is None else argv)
-    evaluations = [] if args.no_eval else [{"split": "test", "samples": args.samples, "limit": args.test_images}]
+    evaluations = [] if args.no_eval else [
+        {"split": "test", "samples": args.samples, "limit": whole_split_limit("test", args.test_images)}]
     if args.train_images and not args.no_eval:
-        evaluations.append({"split": "train", "samples": args.samples, "limit": args.train_images})
+        evaluations.append({"split": "train", "samples": args.samples,
+                            "limit": whole_split_limit("train", args.train_images)})
 
     runs = []  # (name, config, run_dir, depends_on)
     for seed in dict.fromkeys(args.seeds):
