@@ -126,6 +126,9 @@ class TrainConfig:
             (not variant.guide_flows or self.guide_gradient == GuideGradient.reparam.value,
              f"--guide-gradient {self.guide_gradient} scores a Gaussian guide at stopped parameters; {self.variant}'s "
              "guide has flows: use --guide-gradient reparam"),
+            (self.guide_gradient != GuideGradient.rws.value or variant.objective is Objective.cvae,
+             f"--guide-gradient rws trains a recognition net; {self.variant} also uses the prior as a proposal, "
+             "where it would bend the model's gradient: use --guide-gradient dreg"),
             (self.guide_gradient != GuideGradient.rws.value or self.particles > 1,
              "--guide-gradient rws weighs particles against each other: use it with --particles 2 or more"),
         ]

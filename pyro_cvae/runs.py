@@ -17,8 +17,10 @@ record the checkpoint they were computed from and count only while it is the one
 
 from __future__ import annotations
 
+import errno
 import json
 import os
+import time
 import uuid
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -40,6 +42,7 @@ CONFIG = "config.json"
 CHECKPOINT = "checkpoint.pt"
 METRICS = "metrics.jsonl"
 LOCK = "train.lock"
+LOCK_MARK = " flock"  # after the pid: the writer holds a flock on the file
 # what a checkpoint must hold, and of which type
 _CHECKPOINT_KEYS = {"model": dict, "optimizer": dict, "epoch": int, "batch": int, "step": int,
                     "rng": torch.Tensor, "config": dict}
@@ -142,10 +145,13 @@ class Run:
         """Hold the run for one training process. The run directory is made here and removed
         again on the way out if the command left nothing in it (with the folders made for it).
 
-        The lock is ``train.lock``, holding the trainer's pid, and an exclusive ``flock`` on it
-        that the system drops when the process dies however it dies: a lock whose file is left
-        but whose flock is free is stale, and taking it over is atomic (the new lock file is
-        flocked before it replaces the old one), so two processes can never both train a run."""
+        The lock is ``train.lock``: the trainer's pid, marked ``flock`` where the trainer also
+        holds an exclusive ``flock`` on the file, which the system drops when the process dies
+        however it dies. A marked lock whose flock is free is stale (its pid may live again in
+        another program), and it is taken over atomically: the new lock file is flocked before
+        it replaces the old one, so two processes never both train a run. An unmarked lock
+        (written where flock is missing, or by an older version) is held while its pid lives;
+        taking over such a lock when two processes race for it is not atomic."""
         made = [p for p in (self.path, *self.path.parents) if not p.exists()]
         self.path.mkdir(parents=True, exist_ok=True)
         try:
@@ -154,9 +160,11 @@ class Run:
                 remove_stale_temporaries(self.path)
                 yield
             finally:
-                (self.path / LOCK).unlink(missing_ok=True)  # while still flocked
-                if held is not None:
-                    os.close(held)
+                try:
+                    (self.path / LOCK).unlink(missing_ok=True)  # while still flocked
+                finally:
+                    if held is not None:
+                        os.close(held)
         finally:
             for folder in made:  # deepest first
                 try:
@@ -165,20 +173,21 @@ class Run:
                     break
 
     def _acquire(self) -> int | None:
-        """Take the lock; the flocked descriptor to keep until the run is released."""
+        """Take the lock; the flocked descriptor to keep until the run is released (None where
+        the file system has no flock)."""
         lock = self.path / LOCK
         mine = self.path / f".{LOCK}.tmp{os.getpid()}"
-        mine.write_text(f"{os.getpid()}\n")
-        fd = _flocked(mine)  # a new file: always ours
+        fd = None
         try:
-            for _ in range(3):
+            fd = _new_lock_file(mine)
+            for attempt in range(5):
                 try:
                     os.link(mine, lock)  # atomic, and the lock is never seen without its pid
                     return fd
                 except FileExistsError:
-                    if not self._take_over_if_stale(lock, mine):
-                        continue  # it changed under us: look again
-                    return fd
+                    if self._take_over_if_stale(lock, mine):
+                        return fd
+                    time.sleep(0.05 * attempt)  # it changed under us, or is being taken over: look again
             raise RunError(f"{self.path} is being locked by another process; run this command again.")
         except BaseException:
             if fd is not None:
@@ -188,23 +197,28 @@ class Run:
             mine.unlink(missing_ok=True)
 
     def _take_over_if_stale(self, lock: Path, mine: Path) -> bool:
-        """Replace ``lock`` by ``mine`` (already flocked) if its holder is gone; RunError naming
-        the holder if it is alive; False if the lock file vanished or changed meanwhile."""
-        holder = _lock_holder(lock)
-        if fcntl is None:  # no flock here: the pid alone says whether the holder lives
+        """Replace ``lock`` by ``mine`` if its holder is gone; RunError naming the holder if it
+        lives; False if the lock changed meanwhile (the caller looks again)."""
+        holder, marked = _lock_holder(lock), _lock_is_marked(lock)
+        if not marked or fcntl is None:  # no flock to ask: the pid alone says whether the holder lives
             if holder is not None and pid_alive(holder):
                 raise RunError(_held_message(self.path, holder))
             lock.unlink(missing_ok=True)
             return False
         try:
-            old = os.open(lock, os.O_RDWR)
+            old = os.open(lock, os.O_RDONLY)
         except FileNotFoundError:
             return False
+        except OSError as e:
+            raise RunError(f"cannot read the lock {lock} ({e.strerror}); if no process trains {self.path}, "
+                           f"remove that file and run this command again.") from None
         try:
             try:
                 fcntl.flock(old, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
-                raise RunError(_held_message(self.path, _lock_holder(lock) or holder)) from None
+                if holder is not None and pid_alive(holder):
+                    raise RunError(_held_message(self.path, holder)) from None
+                return False  # a dead holder's file, flocked by a process taking it over: look again
             try:
                 if not os.path.samestat(os.fstat(old), os.stat(lock)):
                     return False  # replaced since we opened it
@@ -410,12 +424,26 @@ def _checkpoint_problem(checkpoint: Any) -> str | None:
     return f"{', '.join(wrong)} of the wrong type" if wrong else None
 
 
-def _flocked(path: Path) -> int | None:
-    """An open descriptor of ``path`` holding an exclusive flock (None where there is no flock)."""
-    if fcntl is None:
+def _new_lock_file(path: Path) -> int | None:
+    """Write a lock file naming this process at ``path`` and flock it; the descriptor holding
+    the flock, or None (and a file without the ``flock`` mark) where flock is unavailable."""
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
+    try:
+        flocked = False
+        if fcntl is not None:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # a new file: nobody else holds it
+                flocked = True
+            except OSError as e:
+                if e.errno not in (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL):
+                    raise
+        os.write(fd, f"{os.getpid()}{LOCK_MARK if flocked else ''}\n".encode())
+    except BaseException:
+        os.close(fd)
+        raise
+    if not flocked:
+        os.close(fd)
         return None
-    fd = os.open(path, os.O_RDWR)
-    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     return fd
 
 
@@ -427,9 +455,17 @@ def _held_message(path: Path, holder: int | None) -> str:
 
 def _lock_holder(lock: Path) -> int | None:
     try:
-        return int(lock.read_text().strip())
-    except (OSError, ValueError):
+        return int(lock.read_text().split()[0])
+    except (OSError, ValueError, IndexError):
         return None
+
+
+def _lock_is_marked(lock: Path) -> bool:
+    """Whether the lock's writer holds a flock on it (see ``Run.lock``)."""
+    try:
+        return lock.read_text().strip().endswith(LOCK_MARK.strip())
+    except OSError:
+        return False
 
 
 def _read_text(path: Path) -> str | None:

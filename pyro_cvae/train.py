@@ -101,11 +101,15 @@ def objective_backward(cvae: CVAE, batch: Batch, elbo: ELBO, hybrid_weight: floa
     ``differentiable_loss`` gives the loss of ``Trace_ELBO``/``TraceMeanField_ELBO`` as a tensor;
     ``RenyiELBO`` has none, and its ``loss_and_grads`` runs the backward pass itself, on the sum
     over images, so its gradient is scaled afterwards. recon and KL come from the traces of the
-    first term's draws (for meanfield, KL is the closed form: loss - recon). ``guide_gradient``
+    first term's draws (for meanfield with a Gaussian guide, KL is the closed form: loss - recon). ``guide_gradient``
     stl, dreg or rws wraps the ELBO call in ``GuidePathGradient``."""
+    guide_gradient = GuideGradient(guide_gradient)
     if guide_gradient in (GuideGradient.dreg, GuideGradient.rws) and not isinstance(elbo, RenyiELBO):
         raise ValueError(f"{guide_gradient.value} gradients are for the importance-weighted bound: "
                          "use them with RenyiELBO (--elbo iwae).")
+    if guide_gradient is GuideGradient.rws and (elbo.num_particles < 2 or cvae.variant.objective is not Objective.cvae):
+        raise ValueError("rws gradients weigh two or more particles against each other, and train a recognition "
+                         "net only (with the prior as proposal they would bend the model's gradient).")
     args = (batch.x, batch.y, batch.hidden)
     n = batch.x.shape[0]
     params = cvae.trainable_parameters()

@@ -10,6 +10,7 @@ from pyro.infer import Trace_ELBO, TraceMeanField_ELBO
 from pyro_cvae.config import TrainConfig
 from pyro_cvae.data import hidden_masks, make_batch
 from pyro_cvae.estimators import GuideGradient
+from pyro_cvae.evaluate import log_weights
 from pyro_cvae.model import CVAE, VARIANTS, Elbo, get_variant, hidden_pixels
 from pyro_cvae.nets import GenerationNet
 from pyro_cvae.train import make_elbo, make_optimizer, objective_backward, train_step
@@ -352,6 +353,23 @@ def test_a_guide_with_flows_is_sampled_and_scored_through_them():
     expected = fn.base_dist.log_prob(u) - first.log_abs_det_jacobian(u, middle) - second.log_abs_det_jacobian(middle, z)
     assert close(fn.log_prob(z), expected, 1e-3)
     assert not torch.allclose(fn.log_prob(z), fn.base_dist.log_prob(z))  # the flows are not the identity
+    # the flows are conditioned on the full image: with the recognition net's Gaussian the same for
+    # every image, two images that differ only in their hidden pixels still get different q
+    last = cvae.recognition_net.net[-1]
+    with torch.no_grad():
+        last.weight.zero_()
+    other = torch.where(b.hidden, 1 - b.y, b.y)
+    log_q = [poutine.trace(poutine.condition(cvae.guide, {"z": z[0]})).get_trace(b.x, y, b.hidden).nodes["z"]["fn"]
+             .log_prob(z[0]) for y in (b.y, other)]
+    assert not torch.allclose(*log_q)
+    # saved and loaded, the flows (their random orders and masks are buffers) give the same log-weights
+    copy = CVAE(get_variant("joint-scratch-iwae-flow"))
+    copy.load_state_dict(cvae.state_dict())
+    weights = []
+    for net in (cvae, copy):
+        pyro.set_rng_seed(5)
+        weights.append(log_weights(net, b.x, b.y, b.hidden, 4))
+    assert weights[0].shape == (4, B) and torch.equal(weights[0], weights[1])
     before = [p.detach().clone() for p in cvae.guide_flows.parameters()]
     config = TrainConfig(variant="joint-scratch-iwae-flow")
     train_step(cvae, b, make_optimizer(cvae, 1e-3), config)

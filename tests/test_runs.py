@@ -1,7 +1,6 @@
 """The run directory under a hostile user: nothing lost, nothing mixed, one line for each mistake."""
 
 import json
-import fcntl
 import os
 import signal
 import subprocess
@@ -19,7 +18,8 @@ from pyro_cvae.cli import app
 from pyro_cvae.config import TrainConfig
 from pyro_cvae.evaluate import evaluate_run
 from pyro_cvae.plots import plot_runs
-from pyro_cvae.runs import CHECKPOINT, CONFIG, LOCK, METRICS, Run, RunError, load_run
+from pyro_cvae import runs
+from pyro_cvae.runs import CHECKPOINT, CONFIG, LOCK, LOCK_MARK, METRICS, Run, RunError, load_run
 from pyro_cvae.train import Status, train
 
 from .helpers import fake_images, train_tiny
@@ -80,22 +80,57 @@ def test_force_replaces_the_old_run_only_when_its_first_checkpoint_is_written(fi
     assert not list(finished.glob("eval-*")) and not list(finished.glob("samples-*")), "results of the old weights"
 
 
-def test_a_second_trainer_is_refused_naming_the_holder(finished):
-    (finished / LOCK).write_text(f"{os.getppid()}\n")  # a live process holds the run: its pid and a flock
+@pytest.mark.parametrize("flocked", [False, True])
+def test_a_second_trainer_is_refused_naming_the_holder(finished, flocked):
+    """A live holder: its pid and its flock (or, for a lock without the flock mark, written
+    where flock is missing or by an older version, its pid alone)."""
+    (finished / LOCK).write_text(f"{os.getppid()}{LOCK_MARK if flocked else ''}\n")
     with open(finished / LOCK) as held:
-        fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        if flocked:
+            fcntl = pytest.importorskip("fcntl")
+            fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
         before = _snapshot(finished)
         with pytest.raises(RunError, match=rf"being trained by process {os.getppid()}; wait for it"):
             train_tiny(finished, "no-baseline", epochs=2)
         assert _snapshot(finished) == before
 
 
-def test_a_lock_whose_flock_is_free_is_stale_even_if_its_pid_lives_again(finished):
+def test_a_flock_lock_whose_flock_is_free_is_stale_even_if_its_pid_lives_again(finished):
     """A pid can be reused by an unrelated process after a crash; the flock cannot outlive its
-    process, so it, not the pid, says whether the run is held."""
-    (finished / LOCK).write_text(f"{os.getppid()}\n")  # a live pid, but nobody holds the flock
+    process, so for a lock marked as flocked, the flock, not the pid, says whether the run is held."""
+    pytest.importorskip("fcntl")
+    (finished / LOCK).write_text(f"{os.getppid()}{LOCK_MARK}\n")  # a live pid, but nobody holds the flock
     assert train_tiny(finished, "no-baseline", epochs=2).status is Status.finished
     assert not (finished / LOCK).exists()
+
+
+def test_without_flock_the_pid_decides(finished, monkeypatch):
+    monkeypatch.setattr(runs, "fcntl", None)
+    (finished / LOCK).write_text(f"{os.getppid()}\n")
+    with pytest.raises(RunError, match="being trained by process"):
+        train_tiny(finished, "no-baseline", epochs=2)
+    (finished / LOCK).write_text(f"{_dead_pid()}\n")
+    assert train_tiny(finished, "no-baseline", epochs=2).status is Status.finished
+    assert not (finished / LOCK).exists() and not list(finished.glob(".train.lock*"))
+
+
+def test_the_lock_of_a_training_run_is_flocked_and_released(finished):
+    fcntl = pytest.importorskip("fcntl")
+    seen = {}
+
+    def inside(*_args, **_kwargs):  # called while the run is locked
+        with open(finished / LOCK) as f:
+            seen["content"] = f.read()
+            try:
+                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                seen["free"] = True
+            except BlockingIOError:
+                seen["free"] = False
+
+    with Run(finished).lock():
+        inside()
+    assert seen == {"content": f"{os.getpid()}{LOCK_MARK}\n", "free": False}
+    assert not (finished / LOCK).exists() and not list(finished.glob(".train.lock*"))
 
 
 def test_a_stale_lock_of_a_dead_process_is_taken_over(finished):

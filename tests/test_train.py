@@ -79,6 +79,7 @@ def test_the_elbo_is_part_of_the_run(tmp_path):
         ({"elbo": "trace", "guide_gradient": "dreg"}, "use it with --elbo iwae"),
         ({"elbo": "meanfield", "guide_gradient": "rws"}, "rws is for the importance-weighted bound"),
         ({"elbo": "iwae", "particles": 1, "guide_gradient": "rws"}, "--particles 2 or more"),
+        ({"variant": "hybrid", "elbo": "iwae", "guide_gradient": "rws"}, "rws trains a recognition net"),
         ({"elbo": "iwae", "particles": 0}, "--particles must be at least 1"),
         ({"elbo": "renyi"}, "--elbo must be one of meanfield, trace, iwae"),
     ],
