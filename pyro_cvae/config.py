@@ -123,9 +123,6 @@ class TrainConfig:
              "--guide-gradient stl needs a Monte Carlo KL: use it with --elbo trace or iwae"),
             (self.guide_gradient not in (GuideGradient.dreg.value, GuideGradient.rws.value) or self.elbo == Elbo.iwae.value,
              f"--guide-gradient {self.guide_gradient} is for the importance-weighted bound: use it with --elbo iwae"),
-            (not variant.guide_flows or self.guide_gradient == GuideGradient.reparam.value,
-             f"--guide-gradient {self.guide_gradient} scores a Gaussian guide at stopped parameters; {self.variant}'s "
-             "guide has flows: use --guide-gradient reparam"),
             (self.guide_gradient != GuideGradient.rws.value or variant.objective is Objective.cvae,
              f"--guide-gradient rws trains a recognition net; {self.variant} also uses the prior as a proposal, "
              "where it would bend the model's gradient: use --guide-gradient dreg"),

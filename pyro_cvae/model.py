@@ -18,16 +18,12 @@ from typing import Callable
 
 import pyro
 import pyro.distributions as dist
-from pyro.distributions import transforms
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from .estimators import GuideGradient
-from .data import PIXELS
 from .nets import Z_DIM, BaselineNet, GaussianNet, GenerationNet
-
-FLOW_HIDDEN = 400  # of each flow's autoregressive net (at least z_dim)
 
 
 class Baseline(str, enum.Enum):
@@ -83,7 +79,6 @@ class Variant:
     elbo: Elbo = Elbo.meanfield  # the default training objective (--elbo overrides)
     particles: int = 1  # K of that objective (--particles overrides)
     guide_gradient: GuideGradient = GuideGradient.reparam  # (--guide-gradient overrides)
-    guide_flows: int = 0  # conditional affine-autoregressive transforms of q(z|x,y), given the full image
 
     @property
     def has_recognition_net(self) -> bool:
@@ -125,11 +120,6 @@ VARIANTS: dict[str, Variant] = {
         Variant("cvae-iwae", "as cvae, trained on the IWAE bound (K=10, DReG)", baseline=Baseline.frozen,
                 pretrained=True, elbo=Elbo.iwae, particles=10, guide_gradient=GuideGradient.dreg,
                 reference_config="cvae.yml", reference_ncll=72.255),
-        # the same with two inverse-autoregressive flows on the guide; DReG needs a Gaussian guide, so reparam
-        Variant("joint-scratch-iwae-flow", "as joint-scratch, IWAE bound (K=10) with two affine-autoregressive "
-                "flows on the guide",
-                baseline=Baseline.joint, elbo=Elbo.iwae, particles=10, guide_flows=2,
-                reference_config="cvae-unfreeze-baseline-wopt.yml", reference_ncll=67.813),
     ]
 }
 
@@ -183,11 +173,6 @@ class CVAE(nn.Module):
         self.prior_net = GaussianNet(z_dim) if (variant.prior is Prior.conditional and not deterministic) else None
         self.recognition_net = GaussianNet(z_dim) if variant.has_recognition_net else None
         self.generation_net = None if deterministic else GenerationNet(z_dim, variant.conditioned_decoder)
-        self.guide_flows = None
-        if variant.guide_flows:  # inverse autoregressive flows: a sample and its log q in one pass each
-            self.guide_flows = nn.ModuleList(
-                transforms.conditional_affine_autoregressive(z_dim, PIXELS, hidden_dims=[FLOW_HIDDEN])
-                for _ in range(variant.guide_flows))
         if variant.baseline is Baseline.frozen:
             self.baseline_net.requires_grad_(False)
 
@@ -234,15 +219,9 @@ class CVAE(nn.Module):
         if self.recognition_net is None:  # the baseline and the GSNN have none
             return None
         pyro.module("recognition_net", self.recognition_net)
-        if self.guide_flows is not None:
-            pyro.module("guide_flows", self.guide_flows)
         with pyro.plate("data", x.shape[-2], dim=-1):
-            image = torch.where(hidden, y, x)
-            loc, scale = self.recognition_net(image)
-            q = dist.Normal(loc, scale).to_event(1)
-            if self.guide_flows is not None:
-                q = dist.TransformedDistribution(q, [flow.condition(image) for flow in self.guide_flows])
-            return pyro.sample("z", q)
+            loc, scale = self.recognition_net(torch.where(hidden, y, x))
+            return pyro.sample("z", dist.Normal(loc, scale).to_event(1))
 
     def prior_guide(self, x: torch.Tensor, y: torch.Tensor | None = None, hidden: torch.Tensor | None = None):
         """The prior p(z|x) used as a proposal (for a GSNN, which has no recognition net)."""

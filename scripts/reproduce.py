@@ -38,7 +38,7 @@ from pyro_cvae.references import reference_for
 from pyro_cvae.runs import Run, baseline_run_dir, default_run_dir, run_name
 
 # longest first, so that two workers finish close together; the baseline first, others depend on it
-ORDER = ["baseline", "joint-scratch-iwae-flow", "joint-scratch-iwae", "cvae-iwae", "hybrid", "joint-scratch",
+ORDER = ["baseline", "joint-scratch-iwae", "cvae-iwae", "hybrid", "joint-scratch",
          "joint-pretrained", "gsnn", "cvae", "cond-decoder", "cond-decoder-no-baseline", "no-baseline", "unconditioned-prior"]
 
 

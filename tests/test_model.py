@@ -10,7 +10,6 @@ from pyro.infer import Trace_ELBO, TraceMeanField_ELBO
 from pyro_cvae.config import TrainConfig
 from pyro_cvae.data import hidden_masks, make_batch
 from pyro_cvae.estimators import GuideGradient
-from pyro_cvae.evaluate import log_weights
 from pyro_cvae.model import CVAE, VARIANTS, Elbo, get_variant, hidden_pixels
 from pyro_cvae.nets import GenerationNet
 from pyro_cvae.train import make_elbo, make_optimizer, objective_backward, train_step
@@ -53,9 +52,8 @@ def test_traces_have_the_paper_sites(name):
 def test_registry_is_the_ten_variants_of_the_design_and_the_importance_weighted_rows():
     assert list(VARIANTS) == ["baseline", "cvae", "no-baseline", "cond-decoder", "cond-decoder-no-baseline",
                               "unconditioned-prior", "joint-pretrained", "joint-scratch", "gsnn", "hybrid",
-                              "joint-scratch-iwae", "cvae-iwae", "joint-scratch-iwae-flow"]
-    for name, like in [("joint-scratch-iwae", "joint-scratch"), ("cvae-iwae", "cvae"),
-                       ("joint-scratch-iwae-flow", "joint-scratch")]:
+                              "joint-scratch-iwae", "cvae-iwae"]
+    for name, like in [("joint-scratch-iwae", "joint-scratch"), ("cvae-iwae", "cvae")]:
         new, old = VARIANTS[name], VARIANTS[like]
         assert (new.baseline, new.pretrained, new.prior, new.conditioned_decoder) == (
             old.baseline, old.pretrained, old.prior, old.conditioned_decoder)  # the same model
@@ -333,47 +331,3 @@ def test_dreg_leaves_nothing_alive_after_the_step():
     assert not [o for o in gc.get_objects() if type(o) is GuidePathGradient]
 
 
-
-def test_a_guide_with_flows_is_sampled_and_scored_through_them():
-    """joint-scratch-iwae-flow: q(z|x,y) is the recognition net's Gaussian pushed through two
-    conditional affine-autoregressive flows given the full image; its log-density is the base's
-    minus the flows' log |det J|, per image, and training moves the flows' parameters."""
-    pyro.set_rng_seed(0)
-    cvae = CVAE(get_variant("joint-scratch-iwae-flow"))
-    b = batch()
-    with pyro.plate("particles", 3, dim=-2):
-        q = poutine.trace(cvae.guide).get_trace(b.x, b.y, b.hidden).nodes["z"]
-    fn, z = q["fn"], q["value"]
-    assert isinstance(fn, pyro.distributions.TransformedDistribution) and len(fn.transforms) == 2
-    assert z.shape == (3, B, 200) and fn.log_prob(z).shape == (3, B)
-    first, second = fn.transforms
-    u = fn.base_dist.sample()  # pushed through both flows by hand
-    middle = first(u)
-    z = second(middle)
-    expected = fn.base_dist.log_prob(u) - first.log_abs_det_jacobian(u, middle) - second.log_abs_det_jacobian(middle, z)
-    assert close(fn.log_prob(z), expected, 1e-3)
-    assert not torch.allclose(fn.log_prob(z), fn.base_dist.log_prob(z))  # the flows are not the identity
-    # the flows are conditioned on the full image: with the recognition net's Gaussian the same for
-    # every image, two images that differ only in their hidden pixels still get different q
-    last = cvae.recognition_net.net[-1]
-    with torch.no_grad():
-        last.weight.zero_()
-    other = torch.where(b.hidden, 1 - b.y, b.y)
-    log_q = [poutine.trace(poutine.condition(cvae.guide, {"z": z[0]})).get_trace(b.x, y, b.hidden).nodes["z"]["fn"]
-             .log_prob(z[0]) for y in (b.y, other)]
-    assert not torch.allclose(*log_q)
-    # saved and loaded, the flows (their random orders and masks are buffers) give the same log-weights
-    copy = CVAE(get_variant("joint-scratch-iwae-flow"))
-    copy.load_state_dict(cvae.state_dict())
-    weights = []
-    for net in (cvae, copy):
-        pyro.set_rng_seed(5)
-        weights.append(log_weights(net, b.x, b.y, b.hidden, 4))
-    assert weights[0].shape == (4, B) and torch.equal(weights[0], weights[1])
-    before = [p.detach().clone() for p in cvae.guide_flows.parameters()]
-    config = TrainConfig(variant="joint-scratch-iwae-flow")
-    train_step(cvae, b, make_optimizer(cvae, 1e-3), config)
-    assert all(not torch.equal(a, p) for a, p in zip(before, cvae.guide_flows.parameters()) if p.requires_grad and p.grad is not None)
-    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in cvae.guide_flows.parameters())
-    with pytest.raises(ValueError, match="guide has flows"):
-        TrainConfig(variant="joint-scratch-iwae-flow", guide_gradient="dreg").validate()
