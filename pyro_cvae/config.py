@@ -12,7 +12,7 @@ from typing import Any
 import torch
 
 from .estimators import GuideGradient
-from .model import VARIANTS, Elbo, Objective, get_variant
+from .model import VARIANTS, Elbo, Objective, get_variant, guide_gradient_problem
 
 SEED_LIMIT = 2**32  # numpy's seeds (set by pyro.set_rng_seed) are 32-bit
 
@@ -119,19 +119,14 @@ class TrainConfig:
              "the baseline has no latent variable: --elbo iwae and --particles do not apply to it"),
             (self.guide_gradient in {g.value for g in GuideGradient},
              f"--guide-gradient must be one of {', '.join(g.value for g in GuideGradient)}, got {self.guide_gradient!r}"),
-            (self.guide_gradient != GuideGradient.stl.value or self.elbo != Elbo.meanfield.value,
-             "--guide-gradient stl needs a Monte Carlo KL: use it with --elbo trace or iwae"),
-            (self.guide_gradient not in (GuideGradient.dreg.value, GuideGradient.rws.value) or self.elbo == Elbo.iwae.value,
-             f"--guide-gradient {self.guide_gradient} is for the importance-weighted bound: use it with --elbo iwae"),
-            (self.guide_gradient != GuideGradient.rws.value or variant.objective is Objective.cvae,
-             f"--guide-gradient rws trains a recognition net; {self.variant} also uses the prior as a proposal, "
-             "where it would bend the model's gradient: use --guide-gradient dreg"),
-            (self.guide_gradient != GuideGradient.rws.value or self.particles > 1,
-             "--guide-gradient rws weighs particles against each other: use it with --particles 2 or more"),
         ]
         for ok, message in checks:
             if not ok:
                 raise OptionError(message + ".")
+        problem = guide_gradient_problem(GuideGradient(self.guide_gradient), Elbo(self.elbo), self.particles,
+                                         variant.objective)
+        if problem:
+            raise OptionError(problem + ".")
         return self
 
     def differences(self, other: "TrainConfig") -> dict[str, tuple[Any, Any]]:

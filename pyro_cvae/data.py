@@ -42,9 +42,10 @@ def split_size(split: str) -> int:
     return FILES[SPLIT_FILES[split][0]][1][0]
 
 
-def whole_split_limit(split: str, limit: int | None) -> int | None:
-    """``limit`` as evaluations name it: None when it covers the whole split."""
-    return None if limit is None or limit >= split_size(split) else limit
+def whole_split_limit(limit: int | None, size: int) -> int | None:
+    """A limit on the first images of a split of ``size``, as evaluations name it: None when it
+    covers the whole split."""
+    return None if limit is None or limit >= size else limit
 
 
 IDX_MAGIC = {3: 2051, 1: 2049}  # number of dimensions -> magic number of a uint8 IDX file

@@ -12,7 +12,8 @@ update (Bornschein & Bengio 2015; Le et al. 2019) instead trains q to minimise K
 which covers the posterior's mass; its doubly reparameterised form (Tucker et al. 2019, sec. 4)
 weights each path gradient by w~_k - w~_k^2. Pyro's ``ReweightedWakeSleep`` has the score-function
 form only, with one weight for a whole mini-batch ("mini-batch training is not supported yet", its
-docstring says), so it cannot train this amortised guide per image. Pyro has neither DReG estimator (pyro-ppl/pyro issue #2598, draft PR #2605 for an IWAE-DReG loss, unmerged), so
+docstring says), so it cannot train this amortised guide per image. Pyro has no DReG estimator
+(pyro-ppl/pyro issue #2598, draft PR #2605 for an IWAE-DReG loss, unmerged), so
 ``GuidePathGradient`` adds them around an unchanged Pyro ELBO call:
 
     with GuidePathGradient(weights=...):

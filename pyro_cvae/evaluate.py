@@ -22,7 +22,7 @@ import pyro.poutine as poutine
 import torch
 
 from .config import EvalConfig, require_at_least_one, resolve_device
-from .data import evaluation_masks, load_split, visible_input
+from .data import evaluation_masks, load_split, visible_input, whole_split_limit
 from .model import CVAE, Proposal, get_variant
 from .runs import Run, RunError, require_trained_runs
 
@@ -129,8 +129,7 @@ def evaluate_run(
         log(f"note: {run.path} is trained for {checkpoint['epoch']} of {config.epochs} epochs.")
     if images is None:
         images, _ = load_split(split, data_dir)
-    if limit is not None and limit >= len(images):
-        limit = None  # the whole split
+    limit = whole_split_limit(limit, len(images))
     # masks fixed per image index by the seed over the whole split, so --limit takes a prefix of them
     hidden = evaluation_masks(len(images), config.mask, config.inputs, seed)
     if limit is not None:
@@ -193,8 +192,7 @@ def evaluate_runs(
     runs = require_trained_runs(runs_dir)
     if images is None:
         images, _ = load_split(split, data_dir)
-    if limit is not None and limit >= len(images):
-        limit = None  # the whole split, as evaluate_run names it
+    limit = whole_split_limit(limit, len(images))  # as evaluate_run names it
     count = limit if limit is not None else len(images)
     results: dict[Path, tuple[Evaluation, bool]] = {}
     for run_dir, config in runs:

@@ -124,6 +124,21 @@ VARIANTS: dict[str, Variant] = {
 }
 
 
+def guide_gradient_problem(gradient: GuideGradient, elbo: Elbo, particles: int, objective: Objective) -> str | None:
+    """Why a guide gradient does not apply to an objective, or None: the one rule behind the
+    run's config check and ``train.objective_backward``."""
+    if gradient is GuideGradient.stl and elbo is Elbo.meanfield:
+        return "--guide-gradient stl needs a Monte Carlo KL: use it with --elbo trace or iwae"
+    if gradient in (GuideGradient.dreg, GuideGradient.rws) and elbo is not Elbo.iwae:
+        return f"--guide-gradient {gradient.value} is for the importance-weighted bound: use it with --elbo iwae"
+    if gradient is GuideGradient.rws and objective is not Objective.cvae:
+        return (f"--guide-gradient rws trains a recognition net; the {objective.value} objective also uses the prior "
+                "as a proposal, where it would bend the model's gradient: use --guide-gradient dreg")
+    if gradient is GuideGradient.rws and particles < 2:
+        return "--guide-gradient rws weighs particles against each other: use it with --particles 2 or more"
+    return None
+
+
 def get_variant(name: str) -> Variant:
     """The registry entry of a variant name; a ValueError lists the valid names."""
     try:

@@ -199,7 +199,7 @@ class Run:
     def _take_over_if_stale(self, lock: Path, mine: Path) -> bool:
         """Replace ``lock`` by ``mine`` if its holder is gone; RunError naming the holder if it
         lives; False if the lock changed meanwhile (the caller looks again)."""
-        holder, marked = _lock_holder(lock), _lock_is_marked(lock)
+        holder, marked = _read_lock(lock)
         if not marked or fcntl is None:  # no flock to ask: the pid alone says whether the holder lives
             if holder is not None and pid_alive(holder):
                 raise RunError(_held_message(self.path, holder))
@@ -453,19 +453,15 @@ def _held_message(path: Path, holder: int | None) -> str:
     return f"{path} is being trained by {who}; wait for it to finish{stop} and run this command again."
 
 
-def _lock_holder(lock: Path) -> int | None:
+def _read_lock(lock: Path) -> tuple[int | None, bool]:
+    """The pid a lock file names (None if unreadable) and whether it is marked as flocked."""
     try:
-        return int(lock.read_text().split()[0])
-    except (OSError, ValueError, IndexError):
-        return None
-
-
-def _lock_is_marked(lock: Path) -> bool:
-    """Whether the lock's writer holds a flock on it (see ``Run.lock``)."""
-    try:
-        return lock.read_text().strip().endswith(LOCK_MARK.strip())
+        text = lock.read_text()
     except OSError:
-        return False
+        return None, False
+    words = text.split()
+    holder = int(words[0]) if words and words[0].isdigit() else None
+    return holder, text.strip().endswith(LOCK_MARK.strip())
 
 
 def _read_text(path: Path) -> str | None:

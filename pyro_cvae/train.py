@@ -22,7 +22,7 @@ from .config import TrainConfig, resolve_device
 from .console import Progress, StopOnInterrupt
 from .data import Batch, epoch_batches, load_split, steps_per_epoch
 from .estimators import GuideGradient, GuidePathGradient
-from .model import CVAE, Elbo, Objective, get_variant
+from .model import CVAE, Elbo, Objective, get_variant, guide_gradient_problem
 from .runs import Run, RunError, baseline_run_dir, default_run_dir, new_run_id
 
 
@@ -101,15 +101,13 @@ def objective_backward(cvae: CVAE, batch: Batch, elbo: ELBO, hybrid_weight: floa
     ``differentiable_loss`` gives the loss of ``Trace_ELBO``/``TraceMeanField_ELBO`` as a tensor;
     ``RenyiELBO`` has none, and its ``loss_and_grads`` runs the backward pass itself, on the sum
     over images, so its gradient is scaled afterwards. recon and KL come from the traces of the
-    first term's draws (for meanfield with a Gaussian guide, KL is the closed form: loss - recon). ``guide_gradient``
+    first term's draws (for meanfield, KL is the closed form: loss - recon). ``guide_gradient``
     stl, dreg or rws wraps the ELBO call in ``GuidePathGradient``."""
     guide_gradient = GuideGradient(guide_gradient)
-    if guide_gradient in (GuideGradient.dreg, GuideGradient.rws) and not isinstance(elbo, RenyiELBO):
-        raise ValueError(f"{guide_gradient.value} gradients are for the importance-weighted bound: "
-                         "use them with RenyiELBO (--elbo iwae).")
-    if guide_gradient is GuideGradient.rws and (elbo.num_particles < 2 or cvae.variant.objective is not Objective.cvae):
-        raise ValueError("rws gradients weigh two or more particles against each other, and train a recognition "
-                         "net only (with the prior as proposal they would bend the model's gradient).")
+    kind = Elbo.iwae if isinstance(elbo, RenyiELBO) else Elbo.meanfield if isinstance(elbo, TraceMeanField_ELBO) else Elbo.trace
+    problem = guide_gradient_problem(guide_gradient, kind, elbo.num_particles, cvae.variant.objective)
+    if problem:
+        raise ValueError(problem + ".")
     args = (batch.x, batch.y, batch.hidden)
     n = batch.x.shape[0]
     params = cvae.trainable_parameters()

@@ -32,14 +32,14 @@ from pathlib import Path
 from pyro_cvae.atomic import atomic_write_text
 from pyro_cvae.config import Mask, TrainConfig
 from pyro_cvae.console import Progress, console
-from pyro_cvae.data import whole_split_limit
+from pyro_cvae.data import split_size, whole_split_limit
 from pyro_cvae.model import VARIANTS, get_variant
 from pyro_cvae.references import reference_for
 from pyro_cvae.runs import Run, baseline_run_dir, default_run_dir, run_name
 
 # longest first, so that two workers finish close together; the baseline first, others depend on it
-ORDER = ["baseline", "joint-scratch-iwae", "cvae-iwae", "hybrid", "joint-scratch",
-         "joint-pretrained", "gsnn", "cvae", "cond-decoder", "cond-decoder-no-baseline", "no-baseline", "unconditioned-prior"]
+ORDER = ["baseline", "joint-scratch-iwae", "cvae-iwae", "hybrid", "joint-scratch", "joint-pretrained", "gsnn", "cvae",
+         "cond-decoder", "cond-decoder-no-baseline", "no-baseline", "unconditioned-prior"]
 
 
 def run_one(config: dict, run_dir: str, runs_dir: str, data_dir: str | None, evaluations: list[dict],
@@ -173,10 +173,10 @@ def main(argv: list[str] | None = None) -> int:
 
     command = "python scripts/reproduce.py " + " ".join(sys.argv[1:] if argv is None else argv)
     evaluations = [] if args.no_eval else [
-        {"split": "test", "samples": args.samples, "limit": whole_split_limit("test", args.test_images)}]
+        {"split": "test", "samples": args.samples, "limit": whole_split_limit(args.test_images, split_size("test"))}]
     if args.train_images and not args.no_eval:
         evaluations.append({"split": "train", "samples": args.samples,
-                            "limit": whole_split_limit("train", args.train_images)})
+                            "limit": whole_split_limit(args.train_images, split_size("train"))})
 
     runs = []  # (name, config, run_dir, depends_on)
     for seed in dict.fromkeys(args.seeds):

@@ -28,8 +28,9 @@ def test_real_mnist_verifies_and_loads(mnist_dir):
     assert images.shape == (10000, 784) and images.dtype == torch.float32
     assert data.split_size("test") == len(images) and data.split_size("train") == 60000
     # a limit covering the split names the whole split (one evaluation file, not two for the same images)
-    assert data.whole_split_limit("test", 10000) is None and data.whole_split_limit("test", 9999) == 9999
-    assert data.whole_split_limit("train", 10000) == 10000 and data.whole_split_limit("train", None) is None
+    assert data.whole_split_limit(10000, data.split_size("test")) is None
+    assert data.whole_split_limit(9999, data.split_size("test")) == 9999
+    assert data.whole_split_limit(10000, data.split_size("train")) == 10000 and data.whole_split_limit(None, 60000) is None
     assert images.min() == 0.0 and images.max() == 1.0
     assert ((images > 0) & (images < 1)).any(), "grey values, not binarised"
     assert labels.shape == (10000,) and set(labels.tolist()) == set(range(10))
