@@ -81,12 +81,13 @@ class Draws(Messenger):
             self.sites[msg["name"]] = msg
 
 
-def _normalized_weights(model, guide) -> Callable[[], torch.Tensor]:
+def _normalized_weights(model, guide, kept: dict) -> Callable[[], torch.Tensor]:
     """The particles' normalised importance weights ``(K, B)``, read from the ``Draws`` of ``model``
-    and ``guide`` when called: in the backward pass, after the draws."""
+    and ``guide`` when called: in the backward pass, after the draws. The log terms they come from
+    are left in ``kept["terms"]``, for the step's record."""
 
     def weights() -> torch.Tensor:
-        log_lik, log_ratio = _log_terms(model, guide)
+        kept["terms"] = log_lik, log_ratio = _log_terms(model, guide)
         log_w = log_lik + log_ratio
         return torch.softmax(log_w, 0) if log_w.dim() > 1 else torch.ones_like(log_w)
 
@@ -119,10 +120,11 @@ def objective_backward(cvae: CVAE, batch: Batch, elbo: ELBO, hybrid_weight: floa
         model_draws, guide_draws = Draws(), Draws()  # keep the draws for recon and KL
         model, guide = model_draws(cvae.model), guide_draws(guide)
         path_gradient = contextlib.nullcontext()
+        kept = {}  # the log terms the weights were computed from, if they were
         if guide_gradient != GuideGradient.reparam:
             weights = None  # stl
             if guide_gradient != GuideGradient.stl:
-                w = _normalized_weights(model_draws, guide_draws)
+                w = _normalized_weights(model_draws, guide_draws, kept)
                 # RenyiELBO's path gradient reaching z_k is w~_k dlog w_k/dz_k: times w~_k (DReG), or times
                 # 1 - w~_k (the wake-phase update, w~_k - w~_k^2)
                 weights = w if guide_gradient == GuideGradient.dreg else lambda: 1 - w()
@@ -145,7 +147,7 @@ def objective_backward(cvae: CVAE, batch: Batch, elbo: ELBO, hybrid_weight: floa
         if first:  # recon and KL of the first term computed (the CVAE's, in a hybrid)
             first = False
             closed_form_kl = isinstance(elbo, TraceMeanField_ELBO)  # then KL = loss - recon, nothing to recompute
-            log_lik, log_ratio = _log_terms(model_draws, None if closed_form_kl else guide_draws)
+            log_lik, log_ratio = kept.get("terms") or _log_terms(model_draws, None if closed_form_kl else guide_draws)
             particles = log_lik.numel() / n
             recon = -log_lik.sum().item() / particles / n
             kl = term / n - recon if closed_form_kl else -log_ratio.sum().item() / particles / n
