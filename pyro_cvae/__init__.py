@@ -19,12 +19,24 @@ import importlib
 __version__ = "0.1.0"
 
 _HOME = {  # exported name -> the module that defines it
-    "load_split": "data", "evaluation_masks": "data", "hidden_masks": "data", "fixed_hidden": "data",
+    "load_split": "data",
+    "evaluation_masks": "data",
+    "hidden_masks": "data",
+    "fixed_hidden": "data",
     "visible_input": "data",
-    "CVAE": "model", "Variant": "model", "VARIANTS": "model", "get_variant": "model",
-    "TrainConfig": "config", "load_run": "runs", "trained_runs": "runs",
-    "evaluate_run": "evaluate", "evaluate_runs": "evaluate", "ncll_per_image": "evaluate",
-    "completions": "sample", "sample_grid": "sample", "compare_runs": "sample",
+    "CVAE": "model",
+    "Variant": "model",
+    "VARIANTS": "model",
+    "get_variant": "model",
+    "TrainConfig": "config",
+    "load_run": "runs",
+    "trained_runs": "runs",
+    "evaluate_run": "evaluate",
+    "evaluate_runs": "evaluate",
+    "ncll_per_image": "evaluate",
+    "completions": "sample",
+    "sample_grid": "sample",
+    "compare_runs": "sample",
 }
 __all__ = sorted(_HOME)
 

@@ -34,16 +34,30 @@ class Device(str, enum.Enum):
 
 DataDir = Annotated[
     Optional[Path],
-    typer.Option(help=f"Folder with the four MNIST IDX files (raw or .gz). Default: ${data_lib.DATA_ENV}, else a cache folder."),
+    typer.Option(
+        help=f"Folder with the four MNIST IDX files (raw or .gz). Default: ${data_lib.DATA_ENV}, else a cache folder."
+    ),
 ]
 RunsDir = Annotated[Path, typer.Option(help="Folder of run directories, one per variant.")]
-RunDir = Annotated[Optional[Path], typer.Option(help="The run directory itself (default: RUNS_DIR/VARIANT[-fixedK][-seedS]).")]
+RunDir = Annotated[
+    Optional[Path],
+    typer.Option(help="The run directory itself (default: RUNS_DIR/VARIANT[-fixedK][-seedS])."),
+]
 DeviceOpt = Annotated[Device, typer.Option(help="Where to compute.")]
-Threads = Annotated[Optional[int], typer.Option(min=1, help="CPU threads for PyTorch (default: all cores).")]
+Threads = Annotated[
+    Optional[int], typer.Option(min=1, help="CPU threads for PyTorch (default: all cores).")
+]
 # which run, for the commands that read one: RUNS_DIR/VARIANT (with its mask protocol) or RUN_DIR
-RunOf = Annotated[Optional[VariantName], typer.Option("--variant", help="The run of this variant in RUNS_DIR.")]
-RunMask = Annotated[Optional[Mask], typer.Option("--mask", help="The run's masking protocol (default: random).")]
-RunInputs = Annotated[Optional[int], typer.Option("--inputs", help="With --mask fixed: the run's visible quadrants (default: 1).")]
+RunOf = Annotated[
+    Optional[VariantName], typer.Option("--variant", help="The run of this variant in RUNS_DIR.")
+]
+RunMask = Annotated[
+    Optional[Mask], typer.Option("--mask", help="The run's masking protocol (default: random).")
+]
+RunInputs = Annotated[
+    Optional[int],
+    typer.Option("--inputs", help="With --mask fixed: the run's visible quadrants (default: 1)."),
+]
 Seed = Annotated[int, typer.Option(help="Seed of the masks and of the z draws.")]
 
 
@@ -63,8 +77,11 @@ def _friendly(fn):
             errors.print(f"[bold red]error:[/] {escape(str(e))}", highlight=False)
             raise typer.Exit(2 if isinstance(e, OptionError) else 1) from None
         except KeyboardInterrupt:
-            errors.print("[bold red]interrupted[/] (Ctrl-C) before a checkpoint could be saved; nothing was "
-                         "half-written: run the same command to start again or resume.", highlight=False)
+            errors.print(
+                "[bold red]interrupted[/] (Ctrl-C) before a checkpoint could be saved; nothing was "
+                "half-written: run the same command to start again or resume.",
+                highlight=False,
+            )
             raise typer.Exit(130) from None
 
     return wrapper
@@ -81,59 +98,139 @@ def _threads(threads: int | None) -> None:
 def data_cmd(data_dir: DataDir = None) -> None:
     """Find and verify MNIST (checksums of the uncompressed files); print what was found."""
     statuses = data_lib.check(data_dir)
-    print_table(f"MNIST in {escape(str(data_lib.resolve_data_dir(data_dir)))}",
-                [Column("file", whole=True), Column("items", justify="right"), Column("md5"), Column("path", whole=True)],
-                [[s.stem, str(s.count), f"[green]OK[/] ({s.checksum})", escape(str(s.path))] for s in statuses])
+    print_table(
+        f"MNIST in {escape(str(data_lib.resolve_data_dir(data_dir)))}",
+        [
+            Column("file", whole=True),
+            Column("items", justify="right"),
+            Column("md5"),
+            Column("path", whole=True),
+        ],
+        [
+            [s.stem, str(s.count), f"[green]OK[/] ({s.checksum})", escape(str(s.path))]
+            for s in statuses
+        ],
+    )
     counts = {s.stem: s.count for s in statuses}
-    console.print(f"train: {counts['train-images-idx3-ubyte']} images, test: {counts['t10k-images-idx3-ubyte']} images")
+    console.print(
+        f"train: {counts['train-images-idx3-ubyte']} images, test: {counts['t10k-images-idx3-ubyte']} images"
+    )
 
 
 @app.command("variants")
 def variants_cmd() -> None:
     """List the variants: what each changes, and the reference implementation's NCLL."""
-    columns = [Column("variant", whole=True), Column("what changes"), Column("reference config", whole=True),
-               Column("reference NCLL (train)", justify="right")]
-    rows = [[v.name, escape(v.summary), v.reference_config or "(paper)",
-             f"{v.reference_ncll:.3f}" if v.reference_ncll is not None else "-"] for v in VARIANTS.values()]
+    columns = [
+        Column("variant", whole=True),
+        Column("what changes"),
+        Column("reference config", whole=True),
+        Column("reference NCLL (train)", justify="right"),
+    ]
+    rows = [
+        [
+            v.name,
+            escape(v.summary),
+            v.reference_config or "(paper)",
+            f"{v.reference_ncll:.3f}" if v.reference_ncll is not None else "-",
+        ]
+        for v in VARIANTS.values()
+    ]
     print_table("Variants", columns, rows)
 
 
 @app.command("train")
 @_friendly
 def train_cmd(
-    variant: Annotated[VariantName, typer.Option(help="Which variant to train.")] = VariantName(TrainConfig.variant),
-    epochs: Annotated[int, typer.Option(help="Passes over the training images.")] = TrainConfig.epochs,
+    variant: Annotated[VariantName, typer.Option(help="Which variant to train.")] = VariantName(
+        TrainConfig.variant
+    ),
+    epochs: Annotated[
+        int, typer.Option(help="Passes over the training images.")
+    ] = TrainConfig.epochs,
     batch_size: Annotated[int, typer.Option(help="Images per step.")] = TrainConfig.batch_size,
     lr: Annotated[float, typer.Option(help="Adam learning rate (> 0).")] = TrainConfig.lr,
-    seed: Annotated[int, typer.Option(help="Seed of data order, masks, initialisation and z draws.")] = TrainConfig.seed,
-    mask: Annotated[Mask, typer.Option(help="Masking protocol: random (1 of 4 quadrants visible) or fixed.")] = TrainConfig.mask,
-    inputs: Annotated[Optional[int], typer.Option(help="Visible quadrants (1-3) with --mask fixed (default: 1).")] = TrainConfig.inputs,
-    limit: Annotated[Optional[int], typer.Option(help="Train on the first N images only.")] = TrainConfig.limit,
-    hybrid_weight: Annotated[Optional[float], typer.Option(help="Weight in [0, 1] of the CVAE term in 'hybrid' (default: 0.5).")] = TrainConfig.hybrid_weight,
-    elbo: Annotated[Optional[Elbo], typer.Option(help="Training objective: meanfield (TraceMeanField_ELBO, closed-form KL), trace (Trace_ELBO), iwae (RenyiELBO alpha=0). Default: the variant's.")] = TrainConfig.elbo,
-    particles: Annotated[Optional[int], typer.Option(help="Particles K of the ELBO (default: the variant's; 5 with iwae, else 1).")] = TrainConfig.particles,
-    guide_gradient: Annotated[Optional[GuideGradient], typer.Option(help="Guide gradient: reparam (Pyro's), stl (sticking the landing; trace or iwae), dreg (doubly reparameterised; iwae), rws (reweighted wake-sleep's wake update, doubly reparameterised: a mass-covering proposal; iwae, K>1). Default: the variant's.")] = TrainConfig.guide_gradient,
-    force: Annotated[bool, typer.Option(help="Start over even if the run directory holds a run.")] = False,
+    seed: Annotated[
+        int, typer.Option(help="Seed of data order, masks, initialisation and z draws.")
+    ] = TrainConfig.seed,
+    mask: Annotated[
+        Mask, typer.Option(help="Masking protocol: random (1 of 4 quadrants visible) or fixed.")
+    ] = TrainConfig.mask,
+    inputs: Annotated[
+        Optional[int], typer.Option(help="Visible quadrants (1-3) with --mask fixed (default: 1).")
+    ] = TrainConfig.inputs,
+    limit: Annotated[
+        Optional[int], typer.Option(help="Train on the first N images only.")
+    ] = TrainConfig.limit,
+    hybrid_weight: Annotated[
+        Optional[float],
+        typer.Option(help="Weight in [0, 1] of the CVAE term in 'hybrid' (default: 0.5)."),
+    ] = TrainConfig.hybrid_weight,
+    elbo: Annotated[
+        Optional[Elbo],
+        typer.Option(
+            help="Training objective: meanfield (TraceMeanField_ELBO, closed-form KL), trace (Trace_ELBO), iwae (RenyiELBO alpha=0). Default: the variant's."
+        ),
+    ] = TrainConfig.elbo,
+    particles: Annotated[
+        Optional[int],
+        typer.Option(help="Particles K of the ELBO (default: the variant's; 5 with iwae, else 1)."),
+    ] = TrainConfig.particles,
+    guide_gradient: Annotated[
+        Optional[GuideGradient],
+        typer.Option(
+            help="Guide gradient: reparam (Pyro's), stl (sticking the landing; trace or iwae), dreg (doubly reparameterised; iwae), rws (reweighted wake-sleep's wake update, doubly reparameterised: a mass-covering proposal; iwae, K>1). Default: the variant's."
+        ),
+    ] = TrainConfig.guide_gradient,
+    force: Annotated[
+        bool, typer.Option(help="Start over even if the run directory holds a run.")
+    ] = False,
     data_dir: DataDir = None,
-    runs_dir: Annotated[Optional[Path], typer.Option(help="Folder of run directories (default: runs; with --run-dir, the folder holding it: where the pretrained baseline is found).")] = None,
+    runs_dir: Annotated[
+        Optional[Path],
+        typer.Option(
+            help="Folder of run directories (default: runs; with --run-dir, the folder holding it: where the pretrained baseline is found)."
+        ),
+    ] = None,
     run_dir: RunDir = None,
     device: DeviceOpt = Device.auto,
     threads: Threads = None,
-    progress: Annotated[bool, typer.Option(help="Show a progress bar (else a line per epoch).")] = True,
+    progress: Annotated[
+        bool, typer.Option(help="Show a progress bar (else a line per epoch).")
+    ] = True,
 ) -> None:
     """Train a variant (or resume its unfinished run) on a Pyro ELBO; leaves RUNS_DIR/VARIANT[-fixedK][-seedS]/."""
     from .train import Status, train
 
     _threads(threads)
-    config = TrainConfig(variant=variant.value, epochs=epochs, batch_size=batch_size, lr=lr, seed=seed,
-                         mask=mask, inputs=inputs, limit=limit, hybrid_weight=hybrid_weight,
-                         elbo=elbo.value if elbo else None, particles=particles,
-                         guide_gradient=guide_gradient.value if guide_gradient else None).validate()
-    result = train(config, run_dir=run_dir, runs_dir=runs_dir, data_dir=data_dir, device=device.value, force=force,
-                   log=console.print, progress=progress)
+    config = TrainConfig(
+        variant=variant.value,
+        epochs=epochs,
+        batch_size=batch_size,
+        lr=lr,
+        seed=seed,
+        mask=mask,
+        inputs=inputs,
+        limit=limit,
+        hybrid_weight=hybrid_weight,
+        elbo=elbo.value if elbo else None,
+        particles=particles,
+        guide_gradient=guide_gradient.value if guide_gradient else None,
+    ).validate()
+    result = train(
+        config,
+        run_dir=run_dir,
+        runs_dir=runs_dir,
+        data_dir=data_dir,
+        device=device.value,
+        force=force,
+        log=console.print,
+        progress=progress,
+    )
     if result.status is Status.finished:
-        console.print(f"[green]trained[/] {result.run_dir} for {result.epochs_done} epochs "
-                      f"({result.steps} steps, {result.seconds:.0f} s)")
+        console.print(
+            f"[green]trained[/] {result.run_dir} for {result.epochs_done} epochs "
+            f"({result.steps} steps, {result.seconds:.0f} s)"
+        )
     elif result.status is Status.interrupted:
         raise typer.Exit(130)
 
@@ -144,12 +241,28 @@ def evaluate_cmd(
     variant: RunOf = None,
     run_dir: RunDir = None,
     runs_dir: RunsDir = Path("runs"),
-    samples: Annotated[int, typer.Option(help="Importance samples S per image.")] = EvalConfig.samples,
-    split: Annotated[Split, typer.Option(help="Images to evaluate on (the reference measured on train).")] = EvalConfig.split,
-    limit: Annotated[Optional[int], typer.Option(help="Evaluate the first N images only.")] = EvalConfig.limit,
-    batch_size: Annotated[int, typer.Option(help="Images per chunk; with S particles each, 5,000 rows fit the CPU cache best.")] = EvalConfig.batch_size,
+    samples: Annotated[
+        int, typer.Option(help="Importance samples S per image.")
+    ] = EvalConfig.samples,
+    split: Annotated[
+        Split, typer.Option(help="Images to evaluate on (the reference measured on train).")
+    ] = EvalConfig.split,
+    limit: Annotated[
+        Optional[int], typer.Option(help="Evaluate the first N images only.")
+    ] = EvalConfig.limit,
+    batch_size: Annotated[
+        int,
+        typer.Option(
+            help="Images per chunk; with S particles each, 5,000 rows fit the CPU cache best."
+        ),
+    ] = EvalConfig.batch_size,
     seed: Seed = EvalConfig.seed,
-    force: Annotated[bool, typer.Option(help="With no run named: evaluate again runs whose saved evaluation is current.")] = False,
+    force: Annotated[
+        bool,
+        typer.Option(
+            help="With no run named: evaluate again runs whose saved evaluation is current."
+        ),
+    ] = False,
     mask: RunMask = None,
     inputs: RunInputs = None,
     data_dir: DataDir = None,
@@ -164,19 +277,45 @@ def evaluate_cmd(
     _threads(threads)
     EvalConfig(samples, split, limit, batch_size, seed).validate()
     target = select_run(run_dir, runs_dir, variant and variant.value, mask, inputs)
-    options = dict(samples=samples, split=split.value, limit=limit, batch_size=batch_size, seed=seed, data_dir=data_dir,
-                   device=device.value, log=console.print)
-    with Progress(target.name if target else "evaluating", total=0, unit="images", transient=True) as bar:
+    options = dict(
+        samples=samples,
+        split=split.value,
+        limit=limit,
+        batch_size=batch_size,
+        seed=seed,
+        data_dir=data_dir,
+        device=device.value,
+        log=console.print,
+    )
+    with Progress(
+        target.name if target else "evaluating", total=0, unit="images", transient=True
+    ) as bar:
         if target is not None:
-            results = [(evaluate_run(target, **options, progress=lambda done, total: bar.update(done, total=total)), False)]
+            results = [
+                (
+                    evaluate_run(
+                        target,
+                        **options,
+                        progress=lambda done, total: bar.update(done, total=total),
+                    ),
+                    False,
+                )
+            ]
         else:
-            results = evaluate_runs(runs_dir, force=force, **options,
-                                    progress=lambda done, total, name: bar.update(done, name, total=total))
+            results = evaluate_runs(
+                runs_dir,
+                force=force,
+                **options,
+                progress=lambda done, total, name: bar.update(done, name, total=total),
+            )
     _print_evaluations(results, split.value)
     if target is not None:
         r = results[0][0]
-        console.print(f"masks: {r.mask}{'' if r.inputs is None else f' ({r.inputs} visible)'}, seed {r.seed}; "
-                      f"proposal: {r.proposal}; saved {escape(str(r.path))}", highlight=False)
+        console.print(
+            f"masks: {r.mask}{'' if r.inputs is None else f' ({r.inputs} visible)'}, seed {r.seed}; "
+            f"proposal: {r.proposal}; saved {escape(str(r.path))}",
+            highlight=False,
+        )
 
 
 def _print_evaluations(results, split: str) -> None:
@@ -187,14 +326,33 @@ def _print_evaluations(results, split: str) -> None:
     rows = []
     for r, reused in results:
         ref = reference_for(r.variant, r.mask, r.inputs, split)
-        compared = [f"{ref.ncll:.2f}", f"{r.ncll - ref.ncll:+.2f}", ref.source.value] if ref else ["-"] * 3
-        rows.append([escape(Path(r.run_dir).name), str(r.epochs), str(r.images), str(r.samples),
-                     f"{r.ncll:.2f} ± {r.ncll_se:.2f}", *compared, f"{r.ess_mean:.1f}",
-                     f"{r.seconds:.1f}" + (" (saved)" if reused else "")])
-    columns = [Column("run", whole=True), Column("epochs", justify="right"), Column("images", justify="right"),
-               Column("S", justify="right"), Column("NCLL ± SE (nats)", justify="right"),
-               Column("reference", justify="right"), Column("− reference", justify="right"), Column("reference from"),
-               Column("ESS", justify="right"), Column("seconds", justify="right")]
+        compared = (
+            [f"{ref.ncll:.2f}", f"{r.ncll - ref.ncll:+.2f}", ref.source.value] if ref else ["-"] * 3
+        )
+        rows.append(
+            [
+                escape(Path(r.run_dir).name),
+                str(r.epochs),
+                str(r.images),
+                str(r.samples),
+                f"{r.ncll:.2f} ± {r.ncll_se:.2f}",
+                *compared,
+                f"{r.ess_mean:.1f}",
+                f"{r.seconds:.1f}" + (" (saved)" if reused else ""),
+            ]
+        )
+    columns = [
+        Column("run", whole=True),
+        Column("epochs", justify="right"),
+        Column("images", justify="right"),
+        Column("S", justify="right"),
+        Column("NCLL ± SE (nats)", justify="right"),
+        Column("reference", justify="right"),
+        Column("− reference", justify="right"),
+        Column("reference from"),
+        Column("ESS", justify="right"),
+        Column("seconds", justify="right"),
+    ]
     print_table(f"NCLL of the hidden pixels, {split} images (lower is better)", columns, rows)
 
 
@@ -204,11 +362,23 @@ def sample_cmd(
     variant: RunOf = None,
     run_dir: RunDir = None,
     runs_dir: RunsDir = Path("runs"),
-    num_images: Annotated[int, typer.Option(help="Images, one column each: the first N of the split.")] = SampleConfig.num_images,
-    num_samples: Annotated[Optional[int], typer.Option(help=f"CVAE completions per image, one row each (default: {SampleConfig.num_samples} for one run, 3 per run when comparing).")] = None,
+    num_images: Annotated[
+        int, typer.Option(help="Images, one column each: the first N of the split.")
+    ] = SampleConfig.num_images,
+    num_samples: Annotated[
+        Optional[int],
+        typer.Option(
+            help=f"CVAE completions per image, one row each (default: {SampleConfig.num_samples} for one run, 3 per run when comparing)."
+        ),
+    ] = None,
     split: Annotated[Split, typer.Option(help="Images to complete.")] = SampleConfig.split,
     seed: Seed = SampleConfig.seed,
-    out: Annotated[Optional[Path], typer.Option(help="PNG to write (default: in the run directory, or in RUNS_DIR comparing every run).")] = None,
+    out: Annotated[
+        Optional[Path],
+        typer.Option(
+            help="PNG to write (default: in the run directory, or in RUNS_DIR comparing every run)."
+        ),
+    ] = None,
     mask: RunMask = None,
     inputs: RunInputs = None,
     data_dir: DataDir = None,
@@ -223,11 +393,20 @@ def sample_cmd(
     _threads(threads)
     SampleConfig(num_images, num_samples, split, seed).validate()
     target = select_run(run_dir, runs_dir, variant and variant.value, mask, inputs)
-    options = dict(num_images=num_images, split=split.value, seed=seed, out=out, data_dir=data_dir, device=device.value)
+    options = dict(
+        num_images=num_images,
+        split=split.value,
+        seed=seed,
+        out=out,
+        data_dir=data_dir,
+        device=device.value,
+    )
     if target is None:
         paths = compare_runs(runs_dir, num_samples=num_samples or 3, **options)
     else:  # the baseline row, for a run without a baseline net, comes from a finished baseline run beside it
-        paths = [sample_grid(target, num_samples=num_samples or SampleConfig.num_samples, **options)]
+        paths = [
+            sample_grid(target, num_samples=num_samples or SampleConfig.num_samples, **options)
+        ]
     for path in paths:
         console.print(f"wrote {escape(str(path))}", highlight=False)
 
@@ -236,11 +415,11 @@ def sample_cmd(
 @_friendly
 def plot_cmd(
     runs_dir: RunsDir = Path("runs"),
-    out: Annotated[Optional[Path], typer.Option(help="PNG to write (default: RUNS_DIR/plots.png).")] = None,
+    out: Annotated[
+        Optional[Path], typer.Option(help="PNG to write (default: RUNS_DIR/plots.png).")
+    ] = None,
 ) -> None:
     """Training curves of every run in RUNS_DIR and, where evaluated, its NCLL on test and train images beside the outside figure measured the same way."""
     from .plots import plot_runs
 
     console.print(f"wrote {escape(str(plot_runs(runs_dir, out)))}", highlight=False)
-
-

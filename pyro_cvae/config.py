@@ -55,7 +55,9 @@ def resolve_device(device: str = "auto") -> torch.device:
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if device == "cuda" and not torch.cuda.is_available():
-        raise ValueError("--device cuda asked for, but no CUDA device is available; use --device cpu.")
+        raise ValueError(
+            "--device cuda asked for, but no CUDA device is available; use --device cpu."
+        )
     if device not in ("cpu", "cuda"):
         raise OptionError(f"--device must be auto, cpu or cuda, got {device!r}.")
     return torch.device(device)
@@ -77,10 +79,18 @@ class TrainConfig:
     mask: Mask = Mask.random
     inputs: int | None = None  # visible quadrants, with mask="fixed"
     limit: int | None = None  # use the first N training images only
-    hybrid_weight: float | None = None  # weight of the CVAE objective in "hybrid" (the GSNN gets 1 - it)
-    elbo: str | None = None  # meanfield, trace or iwae; default: the variant's (meanfield but for *-iwae)
-    particles: int | None = None  # K; default: the variant's with its own ELBO, else 5 for iwae and 1 otherwise
-    guide_gradient: str | None = None  # reparam, stl, dreg or rws (estimators.GuideGradient); default: the variant's
+    hybrid_weight: float | None = (
+        None  # weight of the CVAE objective in "hybrid" (the GSNN gets 1 - it)
+    )
+    elbo: str | None = (
+        None  # meanfield, trace or iwae; default: the variant's (meanfield but for *-iwae)
+    )
+    particles: int | None = (
+        None  # K; default: the variant's with its own ELBO, else 5 for iwae and 1 otherwise
+    )
+    guide_gradient: str | None = (
+        None  # reparam, stl, dreg or rws (estimators.GuideGradient); default: the variant's
+    )
 
     def __post_init__(self) -> None:
         if self.mask in (Mask.random, Mask.fixed):
@@ -93,46 +103,82 @@ class TrainConfig:
         if variant is not None:
             if self.elbo is None:
                 self.elbo = variant.elbo.value
-            same = self.elbo == variant.elbo.value  # else the variant's K and guide gradient do not apply
+            same = (
+                self.elbo == variant.elbo.value
+            )  # else the variant's K and guide gradient do not apply
             if self.guide_gradient is None:
-                self.guide_gradient = variant.guide_gradient.value if same else GuideGradient.reparam.value
+                self.guide_gradient = (
+                    variant.guide_gradient.value if same else GuideGradient.reparam.value
+                )
             if self.particles is None:
-                self.particles = variant.particles if same else 5 if self.elbo == Elbo.iwae.value else 1
+                self.particles = (
+                    variant.particles if same else 5 if self.elbo == Elbo.iwae.value else 1
+                )
 
     def validate(self) -> "TrainConfig":
         variant = get_variant(self.variant)
-        require_at_least_one(epochs=self.epochs, batch_size=self.batch_size, limit=self.limit, particles=self.particles)
+        require_at_least_one(
+            epochs=self.epochs,
+            batch_size=self.batch_size,
+            limit=self.limit,
+            particles=self.particles,
+        )
         check_seed(self.seed)
         hybrid = variant.objective is Objective.hybrid
         checks = [
-            (self.lr > 0 and math.isfinite(self.lr), f"--lr must be a positive number, got {self.lr}"),
+            (
+                self.lr > 0 and math.isfinite(self.lr),
+                f"--lr must be a positive number, got {self.lr}",
+            ),
             (self.clip_norm > 0, f"clip norm must be positive, got {self.clip_norm}"),
             (isinstance(self.mask, Mask), f"--mask must be random or fixed, got {self.mask!r}"),
-            (self.mask is Mask.fixed or self.inputs is None,
-             f"--inputs {self.inputs} applies to --mask fixed only (random masks show one quadrant); drop it or add --mask fixed"),
-            (self.inputs in (None, 1, 2, 3), f"--inputs must be 1, 2 or 3 visible quadrants, got {self.inputs}"),
-            (hybrid or self.hybrid_weight is None,
-             f"--hybrid-weight applies to --variant hybrid only, not {self.variant}; drop it"),
-            (not hybrid or 0.0 <= self.hybrid_weight <= 1.0, f"--hybrid-weight must lie in [0, 1], got {self.hybrid_weight}"),
-            (self.elbo in {e.value for e in Elbo}, f"--elbo must be one of {', '.join(e.value for e in Elbo)}, got {self.elbo!r}"),
-            (variant.objective is not Objective.baseline or (self.elbo != Elbo.iwae.value and self.particles == 1),
-             "the baseline has no latent variable: --elbo iwae and --particles do not apply to it"),
-            (self.guide_gradient in {g.value for g in GuideGradient},
-             f"--guide-gradient must be one of {', '.join(g.value for g in GuideGradient)}, got {self.guide_gradient!r}"),
+            (
+                self.mask is Mask.fixed or self.inputs is None,
+                f"--inputs {self.inputs} applies to --mask fixed only (random masks show one quadrant); drop it or add --mask fixed",
+            ),
+            (
+                self.inputs in (None, 1, 2, 3),
+                f"--inputs must be 1, 2 or 3 visible quadrants, got {self.inputs}",
+            ),
+            (
+                hybrid or self.hybrid_weight is None,
+                f"--hybrid-weight applies to --variant hybrid only, not {self.variant}; drop it",
+            ),
+            (
+                not hybrid or 0.0 <= self.hybrid_weight <= 1.0,
+                f"--hybrid-weight must lie in [0, 1], got {self.hybrid_weight}",
+            ),
+            (
+                self.elbo in {e.value for e in Elbo},
+                f"--elbo must be one of {', '.join(e.value for e in Elbo)}, got {self.elbo!r}",
+            ),
+            (
+                variant.objective is not Objective.baseline
+                or (self.elbo != Elbo.iwae.value and self.particles == 1),
+                "the baseline has no latent variable: --elbo iwae and --particles do not apply to it",
+            ),
+            (
+                self.guide_gradient in {g.value for g in GuideGradient},
+                f"--guide-gradient must be one of {', '.join(g.value for g in GuideGradient)}, got {self.guide_gradient!r}",
+            ),
         ]
         for ok, message in checks:
             if not ok:
                 raise OptionError(message + ".")
-        problem = guide_gradient_problem(GuideGradient(self.guide_gradient), Elbo(self.elbo), self.particles,
-                                         variant.objective)
+        problem = guide_gradient_problem(
+            GuideGradient(self.guide_gradient), Elbo(self.elbo), self.particles, variant.objective
+        )
         if problem:
             raise OptionError(problem + ".")
         return self
 
     def differences(self, other: "TrainConfig") -> dict[str, tuple[Any, Any]]:
         """Fields where two configs describe different runs (the number of epochs may grow)."""
-        return {f.name: (getattr(self, f.name), getattr(other, f.name)) for f in fields(self)
-                if f.name != "epochs" and getattr(self, f.name) != getattr(other, f.name)}
+        return {
+            f.name: (getattr(self, f.name), getattr(other, f.name))
+            for f in fields(self)
+            if f.name != "epochs" and getattr(self, f.name) != getattr(other, f.name)
+        }
 
     def data_options(self) -> dict[str, Any]:
         """What decides the images and masks a run trains on: a pretrained baseline must share them."""
@@ -140,8 +186,16 @@ class TrainConfig:
 
     def baseline(self) -> "TrainConfig":
         """The config of the pretrained baseline this run's variant starts from."""
-        return TrainConfig(**{**self.to_dict(), "variant": "baseline", "hybrid_weight": None, "elbo": None,
-                              "particles": None, "guide_gradient": None})
+        return TrainConfig(
+            **{
+                **self.to_dict(),
+                "variant": "baseline",
+                "hybrid_weight": None,
+                "elbo": None,
+                "particles": None,
+                "guide_gradient": None,
+            }
+        )
 
     def to_dict(self) -> dict[str, Any]:
         return {**asdict(self), "mask": self.mask.value}
@@ -158,15 +212,21 @@ class TrainConfig:
             if f.name not in raw:
                 continue
             value = raw[f.name]
-            kind = f.type.split(" | ")[0]  # "int", "float", "str" or "Mask"; "| None" when it may be absent
-            expected, what = {"int": (int, "an integer"), "float": ((int, float), "a number")}.get(kind, (str, "a string"))
+            kind = f.type.split(" | ")[
+                0
+            ]  # "int", "float", "str" or "Mask"; "| None" when it may be absent
+            expected, what = {"int": (int, "an integer"), "float": ((int, float), "a number")}.get(
+                kind, (str, "a string")
+            )
             absent = value is None and "None" in f.type
             if not absent and (isinstance(value, bool) or not isinstance(value, expected)):
                 raise ValueError(f"{f.name} is {value!r}, not {what}")
             values[f.name] = value
         if values.get("mask", "random") == "random" and values.get("inputs") == 1:
             values["inputs"] = None
-        if not _is_hybrid(values.get("variant")):  # stored, and ignored, by runs of the first landing
+        if not _is_hybrid(
+            values.get("variant")
+        ):  # stored, and ignored, by runs of the first landing
             values["hybrid_weight"] = None
         config = cls(**values)
         return config.validate()
@@ -183,7 +243,9 @@ class EvalConfig:
     samples: int = 100  # importance samples S per image
     split: Split = Split.test
     limit: int | None = None  # the first N images of the split only
-    batch_size: int = 50  # images per chunk: with S = 100 particles, 5,000 rows fit the CPU cache best
+    batch_size: int = (
+        50  # images per chunk: with S = 100 particles, 5,000 rows fit the CPU cache best
+    )
     seed: int = 0  # of the evaluation masks and the z draws
 
     def validate(self) -> "EvalConfig":

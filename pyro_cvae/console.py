@@ -31,24 +31,38 @@ class Column:
     justify: str = "left"
 
 
-def print_table(title: str, columns: list[Column], rows: list[list[str]], out: Console = console) -> None:
+def print_table(
+    title: str, columns: list[Column], rows: list[list[str]], out: Console = console
+) -> None:
     """A titled table (cells may hold rich markup). On a terminal wide enough to show every
     ``whole`` column whole, a rich table that wraps the other columns; otherwise plain rows."""
     plain = [[Text.from_markup(cell).plain for cell in row] for row in rows]
     widths = [max([len(c.header)] + [len(row[i]) for row in plain]) for i, c in enumerate(columns)]
-    needed = sum(w if c.whole else MIN_WRAPPED_WIDTH for c, w in zip(columns, widths)) + 3 * len(columns) + 1
+    needed = (
+        sum(w if c.whole else MIN_WRAPPED_WIDTH for c, w in zip(columns, widths))
+        + 3 * len(columns)
+        + 1
+    )
     out.print(title, highlight=False, soft_wrap=True)
     if out.is_terminal and needed <= out.width:
         table = Table()
         for column, width in zip(columns, widths):
-            table.add_column(column.header, justify=column.justify, no_wrap=column.whole, overflow="fold",
-                             min_width=width if column.whole else None)
+            table.add_column(
+                column.header,
+                justify=column.justify,
+                no_wrap=column.whole,
+                overflow="fold",
+                min_width=width if column.whole else None,
+            )
         for row in rows:
             table.add_row(*row)
         out.print(table)
         return
     for row in [[c.header for c in columns], *plain]:
-        cells = [cell.rjust(w) if c.justify == "right" else cell.ljust(w) for c, w, cell in zip(columns, widths, row)]
+        cells = [
+            cell.rjust(w) if c.justify == "right" else cell.ljust(w)
+            for c, w, cell in zip(columns, widths, row)
+        ]
         out.print("  ".join(cells).rstrip(), markup=False, highlight=False, soft_wrap=True)
 
 
@@ -65,11 +79,26 @@ class Progress:
 
     at least every ``every_s`` seconds and at each ``milestone``. Silent when not ``enabled``."""
 
-    def __init__(self, description: str, total: int, completed: int = 0, unit: str = "steps", enabled: bool = True,
-                 out: Console = console, every_s: float = PLAIN_EVERY_S, transient: bool = False,
-                 clock: Callable[[], float] = time.monotonic):
+    def __init__(
+        self,
+        description: str,
+        total: int,
+        completed: int = 0,
+        unit: str = "steps",
+        enabled: bool = True,
+        out: Console = console,
+        every_s: float = PLAIN_EVERY_S,
+        transient: bool = False,
+        clock: Callable[[], float] = time.monotonic,
+    ):
         self.description, self.total, self.unit = description, total, unit
-        self.enabled, self.out, self.every_s, self.transient, self.clock = enabled, out, every_s, transient, clock
+        self.enabled, self.out, self.every_s, self.transient, self.clock = (
+            enabled,
+            out,
+            every_s,
+            transient,
+            clock,
+        )
         self.completed = self.first = completed
         self.live = None
 
@@ -79,20 +108,29 @@ class Progress:
             from rich import progress as rp
 
             self.live = rp.Progress(
-                rp.TextColumn("[bold]{task.description}"), rp.BarColumn(), rp.MofNCompleteColumn(),
-                rp.TextColumn("{task.fields[rate]}"), rp.TimeElapsedColumn(), rp.TimeRemainingColumn(),
-                rp.TextColumn("{task.fields[status]}"), console=self.out, transient=self.transient,
+                rp.TextColumn("[bold]{task.description}"),
+                rp.BarColumn(),
+                rp.MofNCompleteColumn(),
+                rp.TextColumn("{task.fields[rate]}"),
+                rp.TimeElapsedColumn(),
+                rp.TimeRemainingColumn(),
+                rp.TextColumn("{task.fields[status]}"),
+                console=self.out,
+                transient=self.transient,
             )
             self.live.__enter__()
-            self.task = self.live.add_task(self.description, total=self.total, completed=self.completed,
-                                           rate="", status="")
+            self.task = self.live.add_task(
+                self.description, total=self.total, completed=self.completed, rate="", status=""
+            )
         return self
 
     def rate(self) -> float:
         """Units per second since this display started."""
         return (self.completed - self.first) / max(self.clock() - self.started, 1e-9)
 
-    def update(self, completed: int, status: str = "", total: int | None = None, milestone: bool = False) -> None:
+    def update(
+        self, completed: int, status: str = "", total: int | None = None, milestone: bool = False
+    ) -> None:
         """Record ``completed`` units; ``status`` says where the loop is (epoch, loss terms, run)."""
         if not self.enabled:
             return
@@ -100,7 +138,9 @@ class Progress:
         self.total = total if total is not None else self.total
         rate = f"{self.rate():.1f} {self.unit}/s"
         if self.live is not None:
-            self.live.update(self.task, completed=completed, total=self.total, rate=rate, status=status)
+            self.live.update(
+                self.task, completed=completed, total=self.total, rate=rate, status=status
+            )
         elif milestone or self.clock() - self.printed >= self.every_s:
             self.printed = self.clock()
             self.out.print(self.line(status), markup=False, highlight=False, soft_wrap=True)
@@ -110,8 +150,12 @@ class Progress:
         rate = self.rate()
         eta = _clock_text((self.total - self.completed) / rate) if rate > 0 else "?"
         percent = f" ({100 * self.completed // self.total}%)" if self.total else ""
-        parts = [f"{self.completed}/{self.total} {self.unit}{percent}", status, f"{rate:.1f} {self.unit}/s",
-                 f"ETA {eta}"]
+        parts = [
+            f"{self.completed}/{self.total} {self.unit}{percent}",
+            status,
+            f"{rate:.1f} {self.unit}/s",
+            f"ETA {eta}",
+        ]
         return f"{self.description}: " + ", ".join(part for part in parts if part)
 
     def __exit__(self, *exc) -> bool:

@@ -108,7 +108,9 @@ def _parse_idx(raw: bytes, path: Path, stem: str) -> np.ndarray:
     shape = FILES[stem][1]
     header = 4 + 4 * len(shape)
     if len(raw) < header:
-        raise DataError(f"{path}: only {len(raw)} bytes, too short for an IDX header; replace the file.")
+        raise DataError(
+            f"{path}: only {len(raw)} bytes, too short for an IDX header; replace the file."
+        )
     magic = int.from_bytes(raw[0:4], "big")
     dims = tuple(int.from_bytes(raw[4 + 4 * i : 8 + 4 * i], "big") for i in range(len(shape)))
     if magic != IDX_MAGIC[len(shape)] or dims != shape:
@@ -118,7 +120,9 @@ def _parse_idx(raw: bytes, path: Path, stem: str) -> np.ndarray:
         )
     expected = header + int(np.prod(shape))
     if len(raw) != expected:
-        raise DataError(f"{path}: {len(raw)} bytes after decompression, expected {expected}; the file is truncated.")
+        raise DataError(
+            f"{path}: {len(raw)} bytes after decompression, expected {expected}; the file is truncated."
+        )
     return np.frombuffer(raw, dtype=np.uint8, offset=header).reshape(shape)
 
 
@@ -186,7 +190,9 @@ def _download(data_dir: Path) -> None:
         MNIST(root=str(data_dir), train=False, download=True)
     except Exception as e:  # any network or mirror failure: one actionable line instead
         raise DataError(
-            _missing_message(data_dir, ["the MNIST files"], f" and downloading failed ({type(e).__name__})")
+            _missing_message(
+                data_dir, ["the MNIST files"], f" and downloading failed ({type(e).__name__})"
+            )
         ) from None
 
 
@@ -194,8 +200,10 @@ def locate(data_dir: str | Path | None = None, download: bool = True) -> Path:
     """The data folder holding all four files; downloads into the cache folder when it is empty."""
     root = resolve_data_dir(data_dir)
     if root.exists() and not root.is_dir():
-        raise DataError(f"MNIST data folder {root} is a file, not a folder; point --data-dir or {DATA_ENV} at the "
-                        "folder holding the four IDX files (raw or .gz).")
+        raise DataError(
+            f"MNIST data folder {root} is a file, not a folder; point --data-dir or {DATA_ENV} at the "
+            "folder holding the four IDX files (raw or .gz)."
+        )
     missing = [stem for stem in FILES if find_file(root, stem) is None]
     if missing and download and len(missing) == len(FILES) and root == cache_dir() / "mnist":
         _download(root)
@@ -216,7 +224,9 @@ def check(data_dir: str | Path | None = None) -> list[FileStatus]:
     return out
 
 
-def load_split(split: str, data_dir: str | Path | None = None, limit: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def load_split(
+    split: str, data_dir: str | Path | None = None, limit: int | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Images ``(N, 784)`` float32 in [0, 1] and labels ``(N,)`` int64 of one split."""
     if split not in SPLITS:
         raise DataError(f"unknown split {split!r}; choose one of {', '.join(SPLITS)}.")
@@ -254,7 +264,9 @@ def random_hidden(n: int, generator: torch.Generator | None = None) -> torch.Ten
     return ~QUADRANTS[visible]
 
 
-def hidden_masks(n: int, mask: str = "random", inputs: int = 1, generator: torch.Generator | None = None) -> torch.Tensor:
+def hidden_masks(
+    n: int, mask: str = "random", inputs: int = 1, generator: torch.Generator | None = None
+) -> torch.Tensor:
     """Hidden masks ``(n, 784)`` bool for either protocol."""
     if mask == "random":
         return random_hidden(n, generator)

@@ -43,9 +43,15 @@ def stopped(fn: dist.Distribution) -> dist.Distribution:
     """The same diagonal Gaussian with its parameters cut from the graph."""
     base = fn.base_dist if isinstance(fn, dist.Independent) else fn
     if not isinstance(base, dist.Normal):
-        raise NotImplementedError(f"path gradients need a Normal guide site, got {type(base).__name__}")
+        raise NotImplementedError(
+            f"path gradients need a Normal guide site, got {type(base).__name__}"
+        )
     detached = dist.Normal(base.loc.detach(), base.scale.detach())
-    return detached.to_event(fn.reinterpreted_batch_ndims) if isinstance(fn, dist.Independent) else detached
+    return (
+        detached.to_event(fn.reinterpreted_batch_ndims)
+        if isinstance(fn, dist.Independent)
+        else detached
+    )
 
 
 class GuidePathGradient(Messenger):
@@ -63,7 +69,9 @@ class GuidePathGradient(Messenger):
     def _process_message(self, msg) -> None:
         if msg["type"] != "sample" or msg["is_observed"] or msg["value"] is not None:
             return
-        if not getattr(msg["fn"], "has_rsample", False):  # plates' subsampling sites, discrete latents
+        if not getattr(
+            msg["fn"], "has_rsample", False
+        ):  # plates' subsampling sites, discrete latents
             return
         fn = msg["fn"]
         value = fn.rsample(msg["kwargs"].get("sample_shape", torch.Size()))

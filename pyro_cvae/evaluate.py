@@ -33,12 +33,16 @@ def _log_prob_per_image(trace) -> torch.Tensor:
     return sum(site["log_prob"] for site in trace.nodes.values() if site["type"] == "sample")
 
 
-def log_weights(cvae: CVAE, x: torch.Tensor, y: torch.Tensor, hidden: torch.Tensor, samples: int) -> torch.Tensor:
+def log_weights(
+    cvae: CVAE, x: torch.Tensor, y: torch.Tensor, hidden: torch.Tensor, samples: int
+) -> torch.Tensor:
     """Importance log-weights ``(S, B)``: log p(y, z_s | x) - log q(z_s | x, y)."""
     proposal, _ = cvae.proposal()
     with pyro.plate("particles", samples, dim=-2):
         guide_trace = poutine.trace(proposal).get_trace(x, y, hidden)
-        model_trace = poutine.trace(poutine.replay(cvae.model, trace=guide_trace)).get_trace(x, y, hidden)
+        model_trace = poutine.trace(poutine.replay(cvae.model, trace=guide_trace)).get_trace(
+            x, y, hidden
+        )
     log_p = _log_prob_per_image(model_trace)
     log_q = _log_prob_per_image(guide_trace)  # 0 for a model without latent
     return (log_p - log_q).expand(samples, x.shape[0])
@@ -99,7 +103,9 @@ class Evaluation:
     proposal: str
     seed: int
     seconds: float
-    step: int | None = None  # of the checkpoint evaluated: the result counts while that checkpoint is the run's
+    step: int | None = (
+        None  # of the checkpoint evaluated: the result counts while that checkpoint is the run's
+    )
     run_id: str | None = None
     path: str | None = None  # where it was saved
 
@@ -121,7 +127,11 @@ def evaluate_run(
     seed). ``images`` ``(N, 784)`` replaces the MNIST split; ``progress`` is told (images done,
     images in all) as the work goes. A result that cannot be saved is a ``RunError`` whose
     message holds the NCLL."""
-    split = EvalConfig(samples=samples, split=split, limit=limit, batch_size=batch_size, seed=seed).validate().split.value
+    split = (
+        EvalConfig(samples=samples, split=split, limit=limit, batch_size=batch_size, seed=seed)
+        .validate()
+        .split.value
+    )
     device = resolve_device(device) if isinstance(device, str) else device
     run = Run(run_dir)
     cvae, config, checkpoint = run.load(device, log)
@@ -140,29 +150,44 @@ def evaluate_run(
     pyro.set_rng_seed(seed)
     started = time.perf_counter()
     report = None if progress is None else lambda done: progress(done, len(images))
-    ncll, ess = ncll_per_image(cvae, images.to(device), hidden.to(device), samples, image_batch=batch_size,
-                               progress=report)
+    ncll, ess = ncll_per_image(
+        cvae, images.to(device), hidden.to(device), samples, image_batch=batch_size, progress=report
+    )
     seconds = time.perf_counter() - started
     result = Evaluation(
-        run_dir=str(run.path), variant=config.variant, epochs=int(checkpoint["epoch"]), split=split,
-        mask=config.mask.value, inputs=config.inputs, samples=cvae.variant.importance_samples(samples),
-        images=len(ncll), ncll=ncll.mean().item(),
+        run_dir=str(run.path),
+        variant=config.variant,
+        epochs=int(checkpoint["epoch"]),
+        split=split,
+        mask=config.mask.value,
+        inputs=config.inputs,
+        samples=cvae.variant.importance_samples(samples),
+        images=len(ncll),
+        ncll=ncll.mean().item(),
         ncll_se=(ncll.std() / math.sqrt(len(ncll))).item() if len(ncll) > 1 else float("nan"),
-        ess_mean=ess.mean().item(), proposal=proposal.value, seed=seed, seconds=round(seconds, 2),
-        step=int(checkpoint["step"]), run_id=checkpoint.get("run_id"),
+        ess_mean=ess.mean().item(),
+        proposal=proposal.value,
+        seed=seed,
+        seconds=round(seconds, 2),
+        step=int(checkpoint["step"]),
+        run_id=checkpoint.get("run_id"),
     )
     record = asdict(result)
     del record["path"]
     try:
         result.path = str(run.write_evaluation(record, limit))
     except OSError as e:
-        raise RunError(f"NCLL {result.ncll:.3f} ± {result.ncll_se:.3f} ({result.images} {split} images, S={result.samples}) "
-                       f"could not be saved in {run.path} ({type(e).__name__}: {e}); free space or fix its permissions "
-                       "and evaluate again.") from None
+        raise RunError(
+            f"NCLL {result.ncll:.3f} ± {result.ncll_se:.3f} ({result.images} {split} images, S={result.samples}) "
+            f"could not be saved in {run.path} ({type(e).__name__}: {e}); free space or fix its permissions "
+            "and evaluate again."
+        ) from None
     return result
 
 
-def saved_evaluation(run_dir: str | Path, split: str, samples: int, limit: int | None, seed: int) -> Evaluation | None:
+def saved_evaluation(
+    run_dir: str | Path, split: str, samples: int, limit: int | None, seed: int
+) -> Evaluation | None:
     """The run's saved evaluation with these options (S as drawn), if it is of its present weights."""
     record = Run(run_dir).current_evaluation(split, samples, limit, seed)
     try:
@@ -188,7 +213,11 @@ def evaluate_runs(
     """Evaluate every trained run in ``runs_dir`` (``runs.trained_runs``), reusing a saved
     evaluation that is still current unless ``force``: (evaluation, whether it was reused) per
     run. ``progress`` is told (images done, images in all, run name) over all the runs to do."""
-    split = EvalConfig(samples=samples, split=split, limit=limit, batch_size=batch_size, seed=seed).validate().split.value
+    split = (
+        EvalConfig(samples=samples, split=split, limit=limit, batch_size=batch_size, seed=seed)
+        .validate()
+        .split.value
+    )
     runs = require_trained_runs(runs_dir)
     if images is None:
         images, _ = load_split(split, data_dir)
@@ -196,18 +225,36 @@ def evaluate_runs(
     count = limit if limit is not None else len(images)
     results: dict[Path, tuple[Evaluation, bool]] = {}
     for run_dir, config in runs:
-        saved = None if force else saved_evaluation(
-            run_dir, split, get_variant(config.variant).importance_samples(samples), limit, seed)
+        saved = (
+            None
+            if force
+            else saved_evaluation(
+                run_dir, split, get_variant(config.variant).importance_samples(samples), limit, seed
+            )
+        )
         if saved is not None:
             results[run_dir] = (saved, True)
     to_do = [run_dir for run_dir, _ in runs if run_dir not in results]
     for k, run_dir in enumerate(to_do):
+
         def report(done: int, _: int, before: int = k * count, name: str = run_dir.name) -> None:
             progress(before + done, len(to_do) * count, name)
 
-        result = evaluate_run(run_dir, samples=samples, split=split, limit=limit, batch_size=batch_size, seed=seed,
-                              device=device, images=images, log=log, progress=report if progress else None)
-        log(f"{run_dir.name}: NCLL {result.ncll:.3f} ± {result.ncll_se:.3f} on {result.images} {split} images "
-            f"({result.seconds:.1f} s)")
+        result = evaluate_run(
+            run_dir,
+            samples=samples,
+            split=split,
+            limit=limit,
+            batch_size=batch_size,
+            seed=seed,
+            device=device,
+            images=images,
+            log=log,
+            progress=report if progress else None,
+        )
+        log(
+            f"{run_dir.name}: NCLL {result.ncll:.3f} ± {result.ncll_se:.3f} on {result.images} {split} images "
+            f"({result.seconds:.1f} s)"
+        )
         results[run_dir] = (result, False)
     return [results[run_dir] for run_dir, _ in runs]

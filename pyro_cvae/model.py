@@ -92,39 +92,107 @@ class Variant:
 VARIANTS: dict[str, Variant] = {
     v.name: v
     for v in [
-        Variant("baseline", "deterministic net alone", objective=Objective.baseline,
-                reference_config="baseline.yml", reference_ncll=112.382),
-        Variant("cvae", "prior fed by a pretrained, frozen baseline", baseline=Baseline.frozen, pretrained=True,
-                reference_config="cvae.yml", reference_ncll=72.255),
-        Variant("no-baseline", "no baseline; prior sees x alone",
-                reference_config="cvae-wobl.yml", reference_ncll=70.868),
-        Variant("cond-decoder", "as cvae, decoder p(y|z,x)", baseline=Baseline.frozen, pretrained=True,
-                conditioned_decoder=True, reference_config="cvae-cdec.yml", reference_ncll=79.524),
-        Variant("cond-decoder-no-baseline", "as no-baseline, decoder p(y|z,x)", conditioned_decoder=True,
-                reference_config="cvae-cdec-wobl.yml", reference_ncll=83.745),
-        Variant("unconditioned-prior", "prior N(0, I), no baseline", prior=Prior.standard,
-                reference_config="cvae-ucprior.yml", reference_ncll=76.024),
-        Variant("joint-pretrained", "baseline starts pretrained and trains with the CVAE", baseline=Baseline.joint,
-                pretrained=True, reference_config="cvae-unfreeze-baseline.yml", reference_ncll=69.352),
-        Variant("joint-scratch", "baseline starts random and trains with the CVAE", baseline=Baseline.joint,
-                reference_config="cvae-unfreeze-baseline-wopt.yml", reference_ncll=67.813),
-        Variant("gsnn", "paper's GSNN: log p(y|x,z), z from the prior; as joint-scratch, no recognition net",
-                baseline=Baseline.joint, objective=Objective.gsnn),
-        Variant("hybrid", "paper's weighted sum of the CVAE and GSNN objectives; as joint-scratch",
-                baseline=Baseline.joint, objective=Objective.hybrid),
+        Variant(
+            "baseline",
+            "deterministic net alone",
+            objective=Objective.baseline,
+            reference_config="baseline.yml",
+            reference_ncll=112.382,
+        ),
+        Variant(
+            "cvae",
+            "prior fed by a pretrained, frozen baseline",
+            baseline=Baseline.frozen,
+            pretrained=True,
+            reference_config="cvae.yml",
+            reference_ncll=72.255,
+        ),
+        Variant(
+            "no-baseline",
+            "no baseline; prior sees x alone",
+            reference_config="cvae-wobl.yml",
+            reference_ncll=70.868,
+        ),
+        Variant(
+            "cond-decoder",
+            "as cvae, decoder p(y|z,x)",
+            baseline=Baseline.frozen,
+            pretrained=True,
+            conditioned_decoder=True,
+            reference_config="cvae-cdec.yml",
+            reference_ncll=79.524,
+        ),
+        Variant(
+            "cond-decoder-no-baseline",
+            "as no-baseline, decoder p(y|z,x)",
+            conditioned_decoder=True,
+            reference_config="cvae-cdec-wobl.yml",
+            reference_ncll=83.745,
+        ),
+        Variant(
+            "unconditioned-prior",
+            "prior N(0, I), no baseline",
+            prior=Prior.standard,
+            reference_config="cvae-ucprior.yml",
+            reference_ncll=76.024,
+        ),
+        Variant(
+            "joint-pretrained",
+            "baseline starts pretrained and trains with the CVAE",
+            baseline=Baseline.joint,
+            pretrained=True,
+            reference_config="cvae-unfreeze-baseline.yml",
+            reference_ncll=69.352,
+        ),
+        Variant(
+            "joint-scratch",
+            "baseline starts random and trains with the CVAE",
+            baseline=Baseline.joint,
+            reference_config="cvae-unfreeze-baseline-wopt.yml",
+            reference_ncll=67.813,
+        ),
+        Variant(
+            "gsnn",
+            "paper's GSNN: log p(y|x,z), z from the prior; as joint-scratch, no recognition net",
+            baseline=Baseline.joint,
+            objective=Objective.gsnn,
+        ),
+        Variant(
+            "hybrid",
+            "paper's weighted sum of the CVAE and GSNN objectives; as joint-scratch",
+            baseline=Baseline.joint,
+            objective=Objective.hybrid,
+        ),
         # beyond the table: the same models trained on the importance-weighted bound (K=10) with doubly
         # reparameterised gradients; their reference columns are the reference's (meanfield) figures for that model
-        Variant("joint-scratch-iwae", "as joint-scratch, trained on the IWAE bound (K=10, DReG)",
-                baseline=Baseline.joint, elbo=Elbo.iwae, particles=10, guide_gradient=GuideGradient.dreg,
-                reference_config="cvae-unfreeze-baseline-wopt.yml", reference_ncll=67.813),
-        Variant("cvae-iwae", "as cvae, trained on the IWAE bound (K=10, DReG)", baseline=Baseline.frozen,
-                pretrained=True, elbo=Elbo.iwae, particles=10, guide_gradient=GuideGradient.dreg,
-                reference_config="cvae.yml", reference_ncll=72.255),
+        Variant(
+            "joint-scratch-iwae",
+            "as joint-scratch, trained on the IWAE bound (K=10, DReG)",
+            baseline=Baseline.joint,
+            elbo=Elbo.iwae,
+            particles=10,
+            guide_gradient=GuideGradient.dreg,
+            reference_config="cvae-unfreeze-baseline-wopt.yml",
+            reference_ncll=67.813,
+        ),
+        Variant(
+            "cvae-iwae",
+            "as cvae, trained on the IWAE bound (K=10, DReG)",
+            baseline=Baseline.frozen,
+            pretrained=True,
+            elbo=Elbo.iwae,
+            particles=10,
+            guide_gradient=GuideGradient.dreg,
+            reference_config="cvae.yml",
+            reference_ncll=72.255,
+        ),
     ]
 }
 
 
-def guide_gradient_problem(gradient: GuideGradient, elbo: Elbo, particles: int, objective: Objective) -> str | None:
+def guide_gradient_problem(
+    gradient: GuideGradient, elbo: Elbo, particles: int, objective: Objective
+) -> str | None:
     """Why a guide gradient does not apply to an objective, or None: the one rule behind the
     run's config check and ``train.objective_backward``."""
     if gradient is GuideGradient.stl and elbo is Elbo.meanfield:
@@ -132,8 +200,10 @@ def guide_gradient_problem(gradient: GuideGradient, elbo: Elbo, particles: int, 
     if gradient in (GuideGradient.dreg, GuideGradient.rws) and elbo is not Elbo.iwae:
         return f"--guide-gradient {gradient.value} is for the importance-weighted bound: use it with --elbo iwae"
     if gradient is GuideGradient.rws and objective is not Objective.cvae:
-        return (f"--guide-gradient rws trains a recognition net; the {objective.value} objective also uses the prior "
-                "as a proposal, where it would bend the model's gradient: use --guide-gradient dreg")
+        return (
+            f"--guide-gradient rws trains a recognition net; the {objective.value} objective also uses the prior "
+            "as a proposal, where it would bend the model's gradient: use --guide-gradient dreg"
+        )
     if gradient is GuideGradient.rws and particles < 2:
         return "--guide-gradient rws weighs particles against each other: use it with --particles 2 or more"
     return None
@@ -144,7 +214,9 @@ def get_variant(name: str) -> Variant:
     try:
         return VARIANTS[name]
     except KeyError:
-        raise ValueError(f"unknown variant {name!r}; choose one of: {', '.join(VARIANTS)}.") from None
+        raise ValueError(
+            f"unknown variant {name!r}; choose one of: {', '.join(VARIANTS)}."
+        ) from None
 
 
 class GreyBernoulli(dist.Bernoulli):
@@ -167,7 +239,9 @@ def hidden_pixels(hidden: torch.Tensor) -> torch.Tensor:
     """Indices ``(B, n_hidden)`` of each image's hidden pixels, in increasing order."""
     counts = hidden.sum(-1)
     if counts.numel() and counts.min() != counts.max():
-        raise ValueError("every image of a batch must hide the same number of pixels (both masking protocols do).")
+        raise ValueError(
+            "every image of a batch must hide the same number of pixels (both masking protocols do)."
+        )
     return hidden.nonzero()[:, -1].view(hidden.shape[:-1] + (-1,))
 
 
@@ -184,10 +258,18 @@ class CVAE(nn.Module):
         self.variant = variant
         self.z_dim = z_dim
         deterministic = variant.objective is Objective.baseline
-        self.baseline_net = BaselineNet() if (deterministic or variant.baseline is not Baseline.none) else None
-        self.prior_net = GaussianNet(z_dim) if (variant.prior is Prior.conditional and not deterministic) else None
+        self.baseline_net = (
+            BaselineNet() if (deterministic or variant.baseline is not Baseline.none) else None
+        )
+        self.prior_net = (
+            GaussianNet(z_dim)
+            if (variant.prior is Prior.conditional and not deterministic)
+            else None
+        )
         self.recognition_net = GaussianNet(z_dim) if variant.has_recognition_net else None
-        self.generation_net = None if deterministic else GenerationNet(z_dim, variant.conditioned_decoder)
+        self.generation_net = (
+            None if deterministic else GenerationNet(z_dim, variant.conditioned_decoder)
+        )
         if variant.baseline is Baseline.frozen:
             self.baseline_net.requires_grad_(False)
 
@@ -209,10 +291,14 @@ class CVAE(nn.Module):
             x = self.baseline_guess(x, hidden)
         return self.prior_net(x)
 
-    def model(self, x: torch.Tensor, y: torch.Tensor | None = None, hidden: torch.Tensor | None = None):
+    def model(
+        self, x: torch.Tensor, y: torch.Tensor | None = None, hidden: torch.Tensor | None = None
+    ):
         """p(y|x) = ∫ p(y|z,x) p(z|x) dz; observes the hidden pixels of ``y`` when given, else
         samples them; returns them ``(..., B, n_hidden)`` (``hidden_pixels`` says which)."""
-        if self.variant.baseline is not Baseline.frozen and self.baseline_net is not None:  # a frozen net is no parameter
+        if (
+            self.variant.baseline is not Baseline.frozen and self.baseline_net is not None
+        ):  # a frozen net is no parameter
             pyro.module("baseline_net", self.baseline_net)
         if self.prior_net is not None:
             pyro.module("prior_net", self.prior_net)
@@ -229,7 +315,9 @@ class CVAE(nn.Module):
             likelihood = GreyBernoulli(take(logits, pixels)).to_event(1)
             return pyro.sample("y", likelihood, obs=None if y is None else take(y, pixels))
 
-    def guide(self, x: torch.Tensor, y: torch.Tensor | None = None, hidden: torch.Tensor | None = None):
+    def guide(
+        self, x: torch.Tensor, y: torch.Tensor | None = None, hidden: torch.Tensor | None = None
+    ):
         """q(z|x,y): the recognition net sees the whole image (x with its hidden pixels from y)."""
         if self.recognition_net is None:  # the baseline and the GSNN have none
             return None
@@ -238,7 +326,9 @@ class CVAE(nn.Module):
             loc, scale = self.recognition_net(torch.where(hidden, y, x))
             return pyro.sample("z", dist.Normal(loc, scale).to_event(1))
 
-    def prior_guide(self, x: torch.Tensor, y: torch.Tensor | None = None, hidden: torch.Tensor | None = None):
+    def prior_guide(
+        self, x: torch.Tensor, y: torch.Tensor | None = None, hidden: torch.Tensor | None = None
+    ):
         """The prior p(z|x) used as a proposal (for a GSNN, which has no recognition net)."""
         with pyro.plate("data", x.shape[-2], dim=-1):
             loc, scale = self.prior(x, hidden)

@@ -14,7 +14,11 @@ Z_DIM = 200
 
 def mlp(inputs: int, outputs: int, hidden: int = HIDDEN) -> nn.Sequential:
     return nn.Sequential(
-        nn.Linear(inputs, hidden), nn.GELU(), nn.Linear(hidden, hidden), nn.GELU(), nn.Linear(hidden, outputs)
+        nn.Linear(inputs, hidden),
+        nn.GELU(),
+        nn.Linear(hidden, hidden),
+        nn.GELU(),
+        nn.Linear(hidden, outputs),
     )
 
 
@@ -55,7 +59,9 @@ class GenerationNet(nn.Module):
         self.conditioned = conditioned
         self.z_in = nn.Linear(z_dim, hidden)
         self.x_in = nn.Linear(PIXELS, hidden, bias=False) if conditioned else None
-        self.rest = nn.Sequential(nn.GELU(), nn.Linear(hidden, hidden), nn.GELU(), nn.Linear(hidden, PIXELS))
+        self.rest = nn.Sequential(
+            nn.GELU(), nn.Linear(hidden, hidden), nn.GELU(), nn.Linear(hidden, PIXELS)
+        )
 
     def forward(self, z: torch.Tensor, x: torch.Tensor | None = None) -> torch.Tensor:
         h = self.z_in(z)

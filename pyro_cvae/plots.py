@@ -60,21 +60,49 @@ def _ncll_panel(ax, runs: list[Run], split: str, best: list[dict[str, dict | Non
     for i, e in evaluations.items():
         se = e.get("ncll_se")
         se = se if se is not None and math.isfinite(se) else 0.0
-        ax.errorbar(e["ncll"], i - 0.15, xerr=se or None, fmt="o", color="tab:blue", capsize=3,
-                    label="this project (± 1 standard error)")
+        ax.errorbar(
+            e["ncll"],
+            i - 0.15,
+            xerr=se or None,
+            fmt="o",
+            color="tab:blue",
+            capsize=3,
+            label="this project (± 1 standard error)",
+        )
         text = f"{e['ncll']:.2f}" + (f" ± {se:.2f}" if se else "")
         if len(samples) > 1 or len(images) > 1:
             text += f" (S={e['samples']}, {e.get('images', '?')} images)"
-        ax.annotate(text, (e["ncll"], i - 0.15), xytext=(8, 0), textcoords="offset points", va="center",
-                    fontsize="small", color="tab:blue")
+        ax.annotate(
+            text,
+            (e["ncll"], i - 0.15),
+            xytext=(8, 0),
+            textcoords="offset points",
+            va="center",
+            fontsize="small",
+            color="tab:blue",
+        )
         reference = reference_for(e.get("variant", runs[i].path.name), *_masks(runs[i]), split)
         if reference is not None:
             marker, colour, label = REFERENCE_STYLE[reference.source]
-            ax.plot(reference.ncll, i + 0.15, marker=marker, color=colour, linestyle="none", label=label)
-            ax.annotate(f"{reference.ncll:.2f} ({e['ncll'] - reference.ncll:+.2f})", (reference.ncll, i + 0.15),
-                        xytext=(8, 0), textcoords="offset points", va="center", fontsize="small", color=colour)
-    shared = [f"S={s}" for s in samples if len(samples) == 1] + [f"{n} images" for n in images if len(images) == 1 and n]
-    ax.set(title=f"{split} images" + (f" ({', '.join(shared)})" if shared else ""), xlabel="NCLL (nats per image)")
+            ax.plot(
+                reference.ncll, i + 0.15, marker=marker, color=colour, linestyle="none", label=label
+            )
+            ax.annotate(
+                f"{reference.ncll:.2f} ({e['ncll'] - reference.ncll:+.2f})",
+                (reference.ncll, i + 0.15),
+                xytext=(8, 0),
+                textcoords="offset points",
+                va="center",
+                fontsize="small",
+                color=colour,
+            )
+    shared = [f"S={s}" for s in samples if len(samples) == 1] + [
+        f"{n} images" for n in images if len(images) == 1 and n
+    ]
+    ax.set(
+        title=f"{split} images" + (f" ({', '.join(shared)})" if shared else ""),
+        xlabel="NCLL (nats per image)",
+    )
     ax.margins(x=0.3)  # room for the numbers right of the points
     ax.grid(axis="x", alpha=0.3)
 
@@ -88,9 +116,13 @@ def plot_runs(runs_dir: str | Path = "runs", out: str | Path | None = None) -> P
     runs_dir = Path(runs_dir)
     runs = runs_in(runs_dir)
     if not runs:
-        raise ValueError(f"no runs in {runs_dir} (no sub-folder holds a trained run); train one with: "
-                         f"pyro-cvae train --runs-dir {runs_dir}, or point --runs-dir at the right folder.")
-    best_of = {run.path: {split: run.best_evaluation(split) for split in ("test", "train")} for run in runs}
+        raise ValueError(
+            f"no runs in {runs_dir} (no sub-folder holds a trained run); train one with: "
+            f"pyro-cvae train --runs-dir {runs_dir}, or point --runs-dir at the right folder."
+        )
+    best_of = {
+        run.path: {split: run.best_evaluation(split) for split in ("test", "train")} for run in runs
+    }
     splits = [split for split in ("test", "train") if any(best_of[run.path][split] for run in runs)]
     evaluated = [run for run in runs if any(best_of[run.path][split] for split in splits)]
 
@@ -101,8 +133,14 @@ def plot_runs(runs_dir: str | Path = "runs", out: str | Path | None = None) -> P
         for k, run in enumerate(runs):
             records = [r for r in run.read_metrics() if all(k in r for k in CURVES)]
             if records:  # ten colours, then the same ten dashed, then dotted
-                ax.plot([r["epoch"] for r in records], [r[name] for r in records], marker=".", label=run.path.name,
-                        color=f"C{k % 10}", linestyle=("-", "--", ":")[k // 10 % 3])
+                ax.plot(
+                    [r["epoch"] for r in records],
+                    [r[name] for r in records],
+                    marker=".",
+                    label=run.path.name,
+                    color=f"C{k % 10}",
+                    linestyle=("-", "--", ":")[k // 10 % 3],
+                )
         ax.set(title=f"{name} per image (nats)", xlabel="epoch")
         ax.grid(alpha=0.3)
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
@@ -119,6 +157,10 @@ def plot_runs(runs_dir: str | Path = "runs", out: str | Path | None = None) -> P
         kinds = {}  # one legend entry per kind of point, however many points and panels
         for ax in panels:
             kinds.update({name: handle for handle, name in zip(*ax.get_legend_handles_labels())})
-        ncll.legend(kinds.values(), kinds.keys(), loc="outside lower center", ncols=2, fontsize="small")
-        ncll.suptitle("NCLL of the hidden pixels, lower is better, each beside the outside figure measured the same way")
+        ncll.legend(
+            kinds.values(), kinds.keys(), loc="outside lower center", ncols=2, fontsize="small"
+        )
+        ncll.suptitle(
+            "NCLL of the hidden pixels, lower is better, each beside the outside figure measured the same way"
+        )
     return save_png(fig, out if out is not None else runs_dir / "plots.png")

@@ -15,8 +15,14 @@ from .model import VARIANTS
 
 # its code, run here, 10,000 test images; joint-scratch-iwae is its joint-scratch model on another objective
 REFERENCE_CODE_TEST = {"joint-scratch": 69.00, "no-baseline": 71.36, "joint-scratch-iwae": 69.00}
-PYRO_TUTORIAL = {("baseline", 1): 100.4, ("baseline", 2): 61.9, ("baseline", 3): 25.4,
-                 ("cvae", 1): 71.8, ("cvae", 2): 51.0, ("cvae", 3): 24.2}  # fixed quadrants, test images
+PYRO_TUTORIAL = {
+    ("baseline", 1): 100.4,
+    ("baseline", 2): 61.9,
+    ("baseline", 3): 25.4,
+    ("cvae", 1): 71.8,
+    ("cvae", 2): 51.0,
+    ("cvae", 3): 24.2,
+}  # fixed quadrants, test images
 
 
 class Source(str, enum.Enum):
@@ -40,6 +46,10 @@ def reference_for(variant: str, mask: str, inputs: int, split: str) -> Reference
         return Reference(ncll, Source.PYRO_TUTORIAL) if ncll is not None else None
     if split == "train":
         v = VARIANTS.get(variant)
-        return Reference(v.reference_ncll, Source.TABLE) if v and v.reference_ncll is not None else None
+        return (
+            Reference(v.reference_ncll, Source.TABLE)
+            if v and v.reference_ncll is not None
+            else None
+        )
     ncll = REFERENCE_CODE_TEST.get(variant)
     return Reference(ncll, Source.CODE) if ncll is not None else None

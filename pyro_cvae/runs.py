@@ -44,15 +44,24 @@ METRICS = "metrics.jsonl"
 LOCK = "train.lock"
 LOCK_MARK = " flock"  # after the pid: the writer holds a flock on the file
 # what a checkpoint must hold, and of which type
-_CHECKPOINT_KEYS = {"model": dict, "optimizer": dict, "epoch": int, "batch": int, "step": int,
-                    "rng": torch.Tensor, "config": dict}
+_CHECKPOINT_KEYS = {
+    "model": dict,
+    "optimizer": dict,
+    "epoch": int,
+    "batch": int,
+    "step": int,
+    "rng": torch.Tensor,
+    "config": dict,
+}
 
 
 class RunError(RuntimeError):
     """A run directory is missing, unfinished, inconsistent, busy or diverged; the message says what to do."""
 
 
-def run_name(variant: str, mask: Mask | str = Mask.random, inputs: int | None = None, seed: int = 0) -> str:
+def run_name(
+    variant: str, mask: Mask | str = Mask.random, inputs: int | None = None, seed: int = 0
+) -> str:
     """``joint-scratch``, ``cvae-fixed2``; a training seed other than 0 is named: ``joint-scratch-seed1``."""
     name = variant if Mask(mask) is Mask.random else f"{variant}-fixed{inputs or 1}"
     return name if seed == 0 else f"{name}-seed{seed}"
@@ -64,7 +73,10 @@ def default_run_dir(runs_dir: str | Path, config: TrainConfig) -> Path:
 
 def comparison_path(runs_dir: str | Path, split: str, mask: Mask, inputs: int | None) -> Path:
     """The picture comparing the runs of one masking protocol, in the runs directory."""
-    return Path(runs_dir) / f"samples-{split}{'' if Mask(mask) is Mask.random else f'-fixed{inputs}'}.png"
+    return (
+        Path(runs_dir)
+        / f"samples-{split}{'' if Mask(mask) is Mask.random else f'-fixed{inputs}'}.png"
+    )
 
 
 def baseline_run_dir(runs_dir: str | Path, config: TrainConfig) -> Path:
@@ -72,29 +84,45 @@ def baseline_run_dir(runs_dir: str | Path, config: TrainConfig) -> Path:
     return default_run_dir(runs_dir, config.baseline())
 
 
-def select_run(run_dir: Path | None, runs_dir: Path | None, variant: str | None = None,
-               mask: Mask | None = None, inputs: int | None = None) -> Path | None:
+def select_run(
+    run_dir: Path | None,
+    runs_dir: Path | None,
+    variant: str | None = None,
+    mask: Mask | None = None,
+    inputs: int | None = None,
+) -> Path | None:
     """The run a command names: ``run_dir``, or ``runs_dir/<variant>[-fixed<K>]``; None when
     none is named. Beside a ``run_dir``, a variant, mask or inputs must be what that run holds:
     they are never ignored."""
     if run_dir is None:
         if variant is None:
             if mask is not None or inputs is not None:
-                raise OptionError("--mask and --inputs choose among the runs of a --variant; add --variant NAME.")
+                raise OptionError(
+                    "--mask and --inputs choose among the runs of a --variant; add --variant NAME."
+                )
             return None
         if inputs is not None and mask is not Mask.fixed:
-            raise OptionError(f"--inputs {inputs} applies to --mask fixed only; drop it or add --mask fixed.")
+            raise OptionError(
+                f"--inputs {inputs} applies to --mask fixed only; drop it or add --mask fixed."
+            )
         return Path(runs_dir or "runs") / run_name(variant, mask or Mask.random, inputs)
     if variant is None and mask is None and inputs is None:
         return run_dir
     config = Run(run_dir).config()
-    asked = {"--variant": (variant, config.variant), "--mask": (mask and Mask(mask).value, config.mask.value),
-             "--inputs": (inputs, config.inputs)}
+    asked = {
+        "--variant": (variant, config.variant),
+        "--mask": (mask and Mask(mask).value, config.mask.value),
+        "--inputs": (inputs, config.inputs),
+    }
     for option, (value, held) in asked.items():
         if value is not None and value != held:
-            holds = f"{config.variant} on {config.mask.value} masks" + (f", {config.inputs} visible" if config.inputs else "")
-            raise OptionError(f"{run_dir} holds a run of {holds}, not {option} {value}; drop {option} "
-                             f"or name the run with --variant/--mask/--inputs and --runs-dir instead of --run-dir.")
+            holds = f"{config.variant} on {config.mask.value} masks" + (
+                f", {config.inputs} visible" if config.inputs else ""
+            )
+            raise OptionError(
+                f"{run_dir} holds a run of {holds}, not {option} {value}; drop {option} "
+                f"or name the run with --variant/--mask/--inputs and --runs-dir instead of --run-dir."
+            )
     return run_dir
 
 
@@ -121,7 +149,9 @@ class Run:
     def metrics_path(self) -> Path:
         return self.path / METRICS
 
-    def evaluation_path(self, split: str, samples: int, limit: int | None = None, seed: int = 0) -> Path:
+    def evaluation_path(
+        self, split: str, samples: int, limit: int | None = None, seed: int = 0
+    ) -> Path:
         """S as drawn (``Variant.importance_samples``); ``limit`` None: the whole split."""
         name = f"eval-{split}-S{samples}"
         if limit is not None or seed != 0:
@@ -187,8 +217,12 @@ class Run:
                 except FileExistsError:
                     if self._take_over_if_stale(lock, mine):
                         return fd
-                    time.sleep(0.05 * attempt)  # it changed under us, or is being taken over: look again
-            raise RunError(f"{self.path} is being locked by another process; run this command again.")
+                    time.sleep(
+                        0.05 * attempt
+                    )  # it changed under us, or is being taken over: look again
+            raise RunError(
+                f"{self.path} is being locked by another process; run this command again."
+            )
         except BaseException:
             if fd is not None:
                 os.close(fd)
@@ -200,7 +234,9 @@ class Run:
         """Replace ``lock`` by ``mine`` if its holder is gone; RunError naming the holder if it
         lives; False if the lock changed meanwhile (the caller looks again)."""
         holder, marked = _read_lock(lock)
-        if not marked or fcntl is None:  # no flock to ask: the pid alone says whether the holder lives
+        if (
+            not marked or fcntl is None
+        ):  # no flock to ask: the pid alone says whether the holder lives
             if holder is not None and pid_alive(holder):
                 raise RunError(_held_message(self.path, holder))
             lock.unlink(missing_ok=True)
@@ -210,21 +246,27 @@ class Run:
         except FileNotFoundError:
             return False
         except OSError as e:
-            raise RunError(f"cannot read the lock {lock} ({e.strerror}); if no process trains {self.path}, "
-                           f"remove that file and run this command again.") from None
+            raise RunError(
+                f"cannot read the lock {lock} ({e.strerror}); if no process trains {self.path}, "
+                f"remove that file and run this command again."
+            ) from None
         try:
             try:
                 fcntl.flock(old, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
                 if holder is not None and pid_alive(holder):
                     raise RunError(_held_message(self.path, holder)) from None
-                return False  # a dead holder's file, flocked by a process taking it over: look again
+                return (
+                    False  # a dead holder's file, flocked by a process taking it over: look again
+                )
             try:
                 if not os.path.samestat(os.fstat(old), os.stat(lock)):
                     return False  # replaced since we opened it
             except FileNotFoundError:
                 return False
-            os.replace(mine, lock)  # left by a process that died: ours now, flocked before it appears
+            os.replace(
+                mine, lock
+            )  # left by a process that died: ours now, flocked before it appears
             return True
         finally:
             os.close(old)
@@ -236,25 +278,37 @@ class Run:
         ``mmap``: tensors are mapped, not read (to look at the counters only)."""
         path = self.checkpoint_path
         if not path.is_file():
-            raise RunError(f"no checkpoint in {self.path}; train it first: pyro-cvae train --run-dir {self.path} --variant NAME.")
+            raise RunError(
+                f"no checkpoint in {self.path}; train it first: pyro-cvae train --run-dir {self.path} --variant NAME."
+            )
         try:
             checkpoint = torch.load(path, map_location=device, weights_only=False, mmap=mmap)
         except PermissionError as e:
-            raise RunError(f"{path} cannot be read ({e.strerror}); check its permissions.") from None
+            raise RunError(
+                f"{path} cannot be read ({e.strerror}); check its permissions."
+            ) from None
         except Exception as e:
-            raise RunError(f"{path} cannot be read ({type(e).__name__}): it is truncated or corrupt; delete it "
-                           "and train again with --force.") from None
+            raise RunError(
+                f"{path} cannot be read ({type(e).__name__}): it is truncated or corrupt; delete it "
+                "and train again with --force."
+            ) from None
         problem = _checkpoint_problem(checkpoint)
         if problem:
-            raise RunError(f"{path} is not a checkpoint of this program ({problem}); delete it or train again with --force.")
+            raise RunError(
+                f"{path} is not a checkpoint of this program ({problem}); delete it or train again with --force."
+            )
         return checkpoint
 
-    def config(self, checkpoint: dict | None = None, log: Callable[[str], None] | None = None) -> TrainConfig:
+    def config(
+        self, checkpoint: dict | None = None, log: Callable[[str], None] | None = None
+    ) -> TrainConfig:
         """The run's config, from its checkpoint (the truth); ``log`` hears of an edited config.json."""
         checkpoint = checkpoint if checkpoint is not None else self.read_checkpoint(mmap=True)
         config = TrainConfig.from_dict(checkpoint["config"])
         if log is not None and self._config_copy() != checkpoint["config"]:
-            log(f"note: {self.config_path} does not match the checkpoint; using the checkpoint's config ({config.variant}).")
+            log(
+                f"note: {self.config_path} does not match the checkpoint; using the checkpoint's config ({config.variant})."
+            )
         return config
 
     def _config_copy(self) -> Any:
@@ -268,9 +322,13 @@ class Run:
         try:
             atomic_write(self.checkpoint_path, lambda tmp: torch.save(state, tmp))
         except (OSError, RuntimeError) as e:  # torch reports a full disk as a RuntimeError
-            kept = "the previous checkpoint is kept" if self.exists() else "no checkpoint was written"
-            raise RunError(f"cannot save {self.checkpoint_path} ({type(e).__name__}: {e}); {kept}. "
-                           "Free disk space and run the same command to resume.") from None
+            kept = (
+                "the previous checkpoint is kept" if self.exists() else "no checkpoint was written"
+            )
+            raise RunError(
+                f"cannot save {self.checkpoint_path} ({type(e).__name__}: {e}); {kept}. "
+                "Free disk space and run the same command to resume."
+            ) from None
         self.write_copies(state)
         for stale in [*self.path.glob("eval-*.json"), *self.path.glob("samples-*.png")]:
             stale.unlink(missing_ok=True)
@@ -287,8 +345,12 @@ class Run:
         """The per-epoch records of the run, in epoch order: the checkpoint's, else (a run saved
         before checkpoints held them) metrics.jsonl's, whose torn lines are skipped."""
         try:
-            checkpoint = torch.load(self.checkpoint_path, map_location="cpu", weights_only=False, mmap=True)
-            if _checkpoint_problem(checkpoint) is None and isinstance(checkpoint.get("metrics"), list):
+            checkpoint = torch.load(
+                self.checkpoint_path, map_location="cpu", weights_only=False, mmap=True
+            )
+            if _checkpoint_problem(checkpoint) is None and isinstance(
+                checkpoint.get("metrics"), list
+            ):
                 return list(checkpoint["metrics"])
         except Exception:
             pass
@@ -309,23 +371,30 @@ class Run:
         except (RunError, ValueError):
             return False
 
-    def load(self, device: torch.device | str = "cpu", log: Callable[[str], None] | None = None
-             ) -> tuple[CVAE, TrainConfig, dict]:
+    def load(
+        self, device: torch.device | str = "cpu", log: Callable[[str], None] | None = None
+    ) -> tuple[CVAE, TrainConfig, dict]:
         """A trained (or partly trained) run: the model with its weights, its config and checkpoint."""
         if not self.exists() and not self.config_path.is_file():
-            raise RunError(f"{self.path} is not a run (no {CHECKPOINT}); train one with: "
-                           f"pyro-cvae train --variant NAME --run-dir {self.path}.")
+            raise RunError(
+                f"{self.path} is not a run (no {CHECKPOINT}); train one with: "
+                f"pyro-cvae train --variant NAME --run-dir {self.path}."
+            )
         checkpoint = self.read_checkpoint(device)
         try:
             config = self.config(checkpoint, log)
         except ValueError as e:
-            raise RunError(f"{self.checkpoint_path} holds a config that is not valid ({e}); train again with --force.") from None
+            raise RunError(
+                f"{self.checkpoint_path} holds a config that is not valid ({e}); train again with --force."
+            ) from None
         cvae = CVAE(get_variant(config.variant)).to(device)
         try:
             cvae.load_state_dict(checkpoint["model"])
         except (KeyError, RuntimeError) as e:
-            raise RunError(f"{self.checkpoint_path} does not fit a {config.variant} model ({type(e).__name__}); "
-                           "train it again with --force.") from None
+            raise RunError(
+                f"{self.checkpoint_path} does not fit a {config.variant} model ({type(e).__name__}); "
+                "train it again with --force."
+            ) from None
         return cvae, config, checkpoint
 
     # ------------------------------------------------------------------ evaluations
@@ -335,7 +404,9 @@ class Run:
         atomic_write_text(json.dumps(record, indent=2) + "\n", path)
         return path
 
-    def current_evaluation(self, split: str, samples: int, limit: int | None = None, seed: int = 0) -> dict | None:
+    def current_evaluation(
+        self, split: str, samples: int, limit: int | None = None, seed: int = 0
+    ) -> dict | None:
         """The saved evaluation of these options, if it was computed from the checkpoint on disk."""
         return self._current(self.evaluation_path(split, samples, limit, seed), self._identity())
 
@@ -344,14 +415,32 @@ class Run:
         (seed 0's masks, the most images, S=100, then the most samples), if any: a plot must not
         set an S=5,000 figure on 1,000 images beside the reference's S=100 on 10,000."""
         identity = self._identity()
-        found = [r for p in self.path.glob(f"eval-{split}-S*.json") if (r := self._current(p, identity)) is not None]
-        return max(found, key=lambda r: (r.get("seed") == 0, r.get("images", 0), r["samples"] == 100, r["samples"]),
-                   default=None)
+        found = [
+            r
+            for p in self.path.glob(f"eval-{split}-S*.json")
+            if (r := self._current(p, identity)) is not None
+        ]
+        return max(
+            found,
+            key=lambda r: (
+                r.get("seed") == 0,
+                r.get("images", 0),
+                r["samples"] == 100,
+                r["samples"],
+            ),
+            default=None,
+        )
 
     def _identity(self) -> dict | None:
         try:
-            checkpoint = torch.load(self.checkpoint_path, map_location="cpu", weights_only=False, mmap=True)
-            return {"step": checkpoint["step"], "epoch": checkpoint["epoch"], "run_id": checkpoint.get("run_id")}
+            checkpoint = torch.load(
+                self.checkpoint_path, map_location="cpu", weights_only=False, mmap=True
+            )
+            return {
+                "step": checkpoint["step"],
+                "epoch": checkpoint["epoch"],
+                "run_id": checkpoint.get("run_id"),
+            }
         except Exception:
             return None
 
@@ -365,7 +454,9 @@ class Run:
         if identity is None:
             return None
         if "step" in record:
-            current = record["step"] == identity["step"] and record.get("run_id") == identity["run_id"]
+            current = (
+                record["step"] == identity["step"] and record.get("run_id") == identity["run_id"]
+            )
         else:  # written before results named their checkpoint
             current = record.get("epochs") == identity["epoch"]
         return record if current else None
@@ -390,16 +481,23 @@ def trained_runs(runs_dir: str | Path) -> list[tuple[Path, TrainConfig]]:
         except (RunError, ValueError):
             continue
     order = list(VARIANTS)
-    return sorted(found, key=lambda run: (order.index(run[1].variant) if run[1].variant in order else len(order),
-                                          run[0].name))
+    return sorted(
+        found,
+        key=lambda run: (
+            order.index(run[1].variant) if run[1].variant in order else len(order),
+            run[0].name,
+        ),
+    )
 
 
 def require_trained_runs(runs_dir: str | Path) -> list[tuple[Path, TrainConfig]]:
     """``trained_runs``, or a RunError that says how to train one."""
     runs = trained_runs(runs_dir)
     if not runs:
-        raise RunError(f"no trained run in {runs_dir}; train one with: pyro-cvae train --variant joint-scratch "
-                       f"--runs-dir {runs_dir} (or point --runs-dir at the folder that holds your runs).")
+        raise RunError(
+            f"no trained run in {runs_dir}; train one with: pyro-cvae train --variant joint-scratch "
+            f"--runs-dir {runs_dir} (or point --runs-dir at the folder that holds your runs)."
+        )
     return runs
 
 
@@ -408,8 +506,11 @@ def new_run_id() -> str:
     return uuid.uuid4().hex
 
 
-def load_run(run_dir: str | Path, device: torch.device | str = "cpu", log: Callable[[str], None] | None = None
-             ) -> tuple[CVAE, TrainConfig, dict]:
+def load_run(
+    run_dir: str | Path,
+    device: torch.device | str = "cpu",
+    log: Callable[[str], None] | None = None,
+) -> tuple[CVAE, TrainConfig, dict]:
     """A trained (or partly trained) run: the model with its weights, its config and checkpoint."""
     return Run(run_dir).load(device, log)
 
@@ -450,7 +551,9 @@ def _new_lock_file(path: Path) -> int | None:
 def _held_message(path: Path, holder: int | None) -> str:
     who = f"process {holder}" if holder is not None else "another process"
     stop = f" (or stop it: kill {holder})" if holder is not None else ""
-    return f"{path} is being trained by {who}; wait for it to finish{stop} and run this command again."
+    return (
+        f"{path} is being trained by {who}; wait for it to finish{stop} and run this command again."
+    )
 
 
 def _read_lock(lock: Path) -> tuple[int | None, bool]:

@@ -31,7 +31,11 @@ from .model import CVAE, Baseline, hidden_pixels
 from .plots import DPI, save_png
 from .runs import Run, baseline_run_dir, comparison_path, require_trained_runs
 
-HIDDEN_COLOUR = (0.33, 0.42, 0.60)  # muted blue: no grey level of ink or paper can be mistaken for it
+HIDDEN_COLOUR = (
+    0.33,
+    0.42,
+    0.60,
+)  # muted blue: no grey level of ink or paper can be mistaken for it
 PAD = 2  # grey-white lines between the cells of the grid
 SCALE = 3  # screen pixels per image pixel
 LABEL_PX = 150  # left margin for the row labels, at least
@@ -41,7 +45,9 @@ MIN_WIDTH_PX = 480  # so that the title fits above a grid of one or two columns
 
 
 @torch.no_grad()
-def completions(cvae: CVAE, images: torch.Tensor, hidden: torch.Tensor, num_samples: int = 10) -> torch.Tensor:
+def completions(
+    cvae: CVAE, images: torch.Tensor, hidden: torch.Tensor, num_samples: int = 10
+) -> torch.Tensor:
     """Completed images ``(S, B, 784)``: hidden pixels are the model's probabilities, visible ones
     those of ``images`` ``(B, 784)``.
 
@@ -74,7 +80,9 @@ def baseline_row(
     if baseline_dir is not None and Run(baseline_dir).is_finished():
         baseline, _, _ = Run(baseline_dir).load(device)
         return "baseline", completions(baseline.eval(), images, hidden, 1)[0]
-    if cvae.baseline_net is not None:  # no standalone baseline: show what the joint one feeds the prior
+    if (
+        cvae.baseline_net is not None
+    ):  # no standalone baseline: show what the joint one feeds the prior
         with torch.no_grad():
             return "joint baseline", cvae.baseline_guess(visible_input(images, hidden), hidden)
     return None
@@ -89,7 +97,9 @@ def grid_tensor(rows: list[torch.Tensor], hidden: torch.Tensor) -> torch.Tensor:
     rgb = cells.unsqueeze(2).expand(-1, -1, 3, -1).clone()  # (R, B, 3, 784)
     colour = torch.tensor(HIDDEN_COLOUR).view(3, 1).expand(-1, cells.shape[-1])
     rgb[0] = torch.where(hidden.cpu().unsqueeze(1), colour, rgb[0])
-    return make_grid(rgb.reshape(-1, 3, SIDE, SIDE), nrow=cells.shape[1], padding=PAD, pad_value=0.85)
+    return make_grid(
+        rgb.reshape(-1, 3, SIDE, SIDE), nrow=cells.shape[1], padding=PAD, pad_value=0.85
+    )
 
 
 def _text_px(text: str) -> float:
@@ -97,7 +107,9 @@ def _text_px(text: str) -> float:
     return TextPath((0, 0), text, size=LABEL_PT).get_extents().width * DPI / 72 if text else 0.0
 
 
-def render_grid(grid: torch.Tensor, labels: list[str | tuple[str, int]], title: str, separate: bool = False) -> Figure:
+def render_grid(
+    grid: torch.Tensor, labels: list[str | tuple[str, int]], title: str, separate: bool = False
+) -> Figure:
     """A figure of exactly ``(max(MIN_WIDTH_PX, label margin + SCALE * W), TITLE_PX + SCALE * H)``
     pixels: the grid ``(3, H, W)`` with each image pixel a ``SCALE`` x ``SCALE`` block, a label
     left of each row, the title (three short lines) above. A label given as (text, k) names a
@@ -105,7 +117,10 @@ def render_grid(grid: torch.Tensor, labels: list[str | tuple[str, int]], title: 
     ``LABEL_PX``, wider when a label needs it."""
     blocks = [label if isinstance(label, tuple) else (label, 1) for label in labels]
     _, h, w = grid.shape
-    label_px = max([LABEL_PX] + [math.ceil(_text_px(line)) + 20 for text, _ in blocks for line in text.splitlines()])
+    label_px = max(
+        [LABEL_PX]
+        + [math.ceil(_text_px(line)) + 20 for text, _ in blocks for line in text.splitlines()]
+    )
     width, height = max(MIN_WIDTH_PX, label_px + SCALE * w), TITLE_PX + SCALE * h
     fig = Figure(figsize=(width / DPI, height / DPI), dpi=DPI, facecolor="white")
     ax = fig.add_axes((label_px / width, 0, SCALE * w / width, SCALE * h / height))
@@ -114,23 +129,39 @@ def render_grid(grid: torch.Tensor, labels: list[str | tuple[str, int]], title: 
     cell = SIDE + PAD
     first = 0  # the block's first row
     for text, rows in blocks:
-        y = SCALE * (h - PAD - cell * first - (cell * rows - PAD) / 2) / height  # centre of the block, from the bottom
-        fig.text((label_px - 10) / width, y, text, ha="right", va="center", fontsize=LABEL_PT, multialignment="right")
+        y = (
+            SCALE * (h - PAD - cell * first - (cell * rows - PAD) / 2) / height
+        )  # centre of the block, from the bottom
+        fig.text(
+            (label_px - 10) / width,
+            y,
+            text,
+            ha="right",
+            va="center",
+            fontsize=LABEL_PT,
+            multialignment="right",
+        )
         if separate and first > 0:
-            y = SCALE * (h - cell * first - PAD / 2) / height  # middle of the padding above the block
+            y = (
+                SCALE * (h - cell * first - PAD / 2) / height
+            )  # middle of the padding above the block
             fig.add_artist(Line2D([4 / width, 1 - 4 / width], [y, y], color="0.3", linewidth=1.2))
         first += rows
     fig.text(6 / width, 1 - 6 / height, title, ha="left", va="top", fontsize=8, color="0.25")
     return fig
 
 
-def _first_images(split: str, num_images: int, data_dir, images: torch.Tensor | None) -> tuple[torch.Tensor, int]:
+def _first_images(
+    split: str, num_images: int, data_dir, images: torch.Tensor | None
+) -> tuple[torch.Tensor, int]:
     """The first ``num_images`` images ``(num_images, 784)`` of ``split`` (or of ``images``, in
     tests) and the size of the split, over which evaluation draws its masks."""
     if images is None:
         images, _ = load_split(split, data_dir)
     if num_images > len(images):
-        raise ValueError(f"--num-images is {num_images} but the {split} split has {len(images)} images; ask for fewer.")
+        raise ValueError(
+            f"--num-images is {num_images} but the {split} split has {len(images)} images; ask for fewer."
+        )
     return images[:num_images], len(images)
 
 
@@ -184,9 +215,15 @@ def sample_grid(
 
     masks = _masks_text(config.mask, config.inputs)
     name = run_dir.name if run_dir.name == config.variant else f"{run_dir.name} ({config.variant})"
-    drawn = "pixel probabilities" if cvae.deterministic else "pixel probabilities, z from the prior p(z|x)"
-    title = (f"{name}, epoch {checkpoint['epoch']}/{config.epochs}\n"
-             f"{split} images 0-{num_images - 1}, {masks}, seed {seed}\n{drawn}")
+    drawn = (
+        "pixel probabilities"
+        if cvae.deterministic
+        else "pixel probabilities, z from the prior p(z|x)"
+    )
+    title = (
+        f"{name}, epoch {checkpoint['epoch']}/{config.epochs}\n"
+        f"{split} images 0-{num_images - 1}, {masks}, seed {seed}\n{drawn}"
+    )
     fig = render_grid(grid_tensor(rows, hidden), labels, title)
     return save_png(fig, out if out is not None else run.samples_path(split))
 
@@ -214,8 +251,10 @@ def compare_runs(
     for run_dir, config in require_trained_runs(runs_dir):
         groups.setdefault((config.mask, config.inputs), []).append(run_dir)
     if out is not None and len(groups) > 1:
-        raise ValueError(f"--out names one picture, but the runs in {runs_dir} use {len(groups)} masking protocols "
-                         "(a picture each); leave --out out or name a run with --variant.")
+        raise ValueError(
+            f"--out names one picture, but the runs in {runs_dir} use {len(groups)} masking protocols "
+            "(a picture each); leave --out out or name a run with --variant."
+        )
     images, split_size = _first_images(split, num_images, data_dir, images)
     images = images.to(device)
     written = []
@@ -227,9 +266,17 @@ def compare_runs(
             pyro.set_rng_seed(seed)  # each run draws as it would alone
             completed = completions(cvae.eval(), images, hidden, num_samples)
             rows.extend(completed)
-            labels.append((f"{run_dir.name}\nepoch {checkpoint['epoch']}/{config.epochs}", len(completed)))
-        title = (f"trained runs in {runs_dir}\n{split} images 0-{num_images - 1}, {_masks_text(mask, inputs)}, "
-                 f"seed {seed}\npixel probabilities; a CVAE's rows: {num_samples} draws of z from the prior p(z|x)")
+            labels.append(
+                (f"{run_dir.name}\nepoch {checkpoint['epoch']}/{config.epochs}", len(completed))
+            )
+        title = (
+            f"trained runs in {runs_dir}\n{split} images 0-{num_images - 1}, {_masks_text(mask, inputs)}, "
+            f"seed {seed}\npixel probabilities; a CVAE's rows: {num_samples} draws of z from the prior p(z|x)"
+        )
         fig = render_grid(grid_tensor(rows, hidden), labels, title, separate=True)
-        written.append(save_png(fig, out if out is not None else comparison_path(runs_dir, split, mask, inputs)))
+        written.append(
+            save_png(
+                fig, out if out is not None else comparison_path(runs_dir, split, mask, inputs)
+            )
+        )
     return written

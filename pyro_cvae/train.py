@@ -25,7 +25,6 @@ from .estimators import GuideGradient, GuidePathGradient
 from .model import CVAE, Elbo, Objective, get_variant, guide_gradient_problem
 from .runs import Run, RunError, baseline_run_dir, default_run_dir, new_run_id
 
-
 # ---------------------------------------------------------------------------------------------
 # The objective: Pyro's ELBO objects
 
@@ -61,7 +60,9 @@ def _log_terms(model: "Draws", guide: "Draws | None") -> tuple[torch.Tensor, tor
     ``(K, B)`` (``(B,)`` with one particle), recomputed from the sites' distributions."""
     y = model.sites["y"]
     log_lik = y["fn"].log_prob(y["value"])
-    if guide is None or "z" not in guide.sites:  # not asked, no latent (baseline), no recognition net (GSNN)
+    if (
+        guide is None or "z" not in guide.sites
+    ):  # not asked, no latent (baseline), no recognition net (GSNN)
         return log_lik, torch.zeros_like(log_lik)
     q, p = guide.sites["z"], model.sites["z"]
     return log_lik, p["fn"].log_prob(q["value"]) - q["fn"].log_prob(q["value"])
@@ -94,8 +95,13 @@ def _normalized_weights(model, guide, kept: dict) -> Callable[[], torch.Tensor]:
     return weights
 
 
-def objective_backward(cvae: CVAE, batch: Batch, elbo: ELBO, hybrid_weight: float = 0.5,
-                       guide_gradient: GuideGradient = GuideGradient.reparam) -> dict[str, float]:
+def objective_backward(
+    cvae: CVAE,
+    batch: Batch,
+    elbo: ELBO,
+    hybrid_weight: float = 0.5,
+    guide_gradient: GuideGradient = GuideGradient.reparam,
+) -> dict[str, float]:
     """Accumulate into ``.grad`` the gradient of the variant's loss, a mean over the batch's images,
     through the Pyro ELBO object ``elbo``; returns its terms per image: ``loss``, ``recon``, ``kl``.
 
@@ -105,8 +111,16 @@ def objective_backward(cvae: CVAE, batch: Batch, elbo: ELBO, hybrid_weight: floa
     first term's draws (for meanfield, KL is the closed form: loss - recon). ``guide_gradient``
     stl, dreg or rws wraps the ELBO call in ``GuidePathGradient``."""
     guide_gradient = GuideGradient(guide_gradient)
-    kind = Elbo.iwae if isinstance(elbo, RenyiELBO) else Elbo.meanfield if isinstance(elbo, TraceMeanField_ELBO) else Elbo.trace
-    problem = guide_gradient_problem(guide_gradient, kind, elbo.num_particles, cvae.variant.objective)
+    kind = (
+        Elbo.iwae
+        if isinstance(elbo, RenyiELBO)
+        else Elbo.meanfield
+        if isinstance(elbo, TraceMeanField_ELBO)
+        else Elbo.trace
+    )
+    problem = guide_gradient_problem(
+        guide_gradient, kind, elbo.num_particles, cvae.variant.objective
+    )
     if problem:
         raise ValueError(problem + ".")
     args = (batch.x, batch.y, batch.hidden)
@@ -127,7 +141,7 @@ def objective_backward(cvae: CVAE, batch: Batch, elbo: ELBO, hybrid_weight: floa
                 w = _normalized_weights(model_draws, guide_draws, kept)
                 # RenyiELBO's path gradient reaching z_k is w~_k dlog w_k/dz_k: times w~_k (DReG), or times
                 # 1 - w~_k (the wake-phase update, w~_k - w~_k^2)
-                weights = w if guide_gradient == GuideGradient.dreg else lambda: 1 - w()
+                weights = w if guide_gradient == GuideGradient.dreg else (lambda w=w: 1 - w())
             path_gradient = GuidePathGradient(weights)
         with path_gradient:
             if isinstance(elbo, RenyiELBO):
@@ -146,8 +160,12 @@ def objective_backward(cvae: CVAE, batch: Batch, elbo: ELBO, hybrid_weight: floa
         loss += weight * term / n
         if first:  # recon and KL of the first term computed (the CVAE's, in a hybrid)
             first = False
-            closed_form_kl = isinstance(elbo, TraceMeanField_ELBO)  # then KL = loss - recon, nothing to recompute
-            log_lik, log_ratio = kept.get("terms") or _log_terms(model_draws, None if closed_form_kl else guide_draws)
+            closed_form_kl = isinstance(
+                elbo, TraceMeanField_ELBO
+            )  # then KL = loss - recon, nothing to recompute
+            log_lik, log_ratio = kept.get("terms") or _log_terms(
+                model_draws, None if closed_form_kl else guide_draws
+            )
             particles = log_lik.numel() / n
             recon = -log_lik.sum().item() / particles / n
             kl = term / n - recon if closed_form_kl else -log_ratio.sum().item() / particles / n
@@ -165,15 +183,22 @@ def make_optimizer(cvae: CVAE, lr: float) -> torch.optim.Adam:
     return torch.optim.Adam(cvae.trainable_parameters(), lr=lr, fused=True)
 
 
-def train_step(cvae: CVAE, batch: Batch, optimizer: torch.optim.Optimizer, config: "TrainConfig",
-               elbo: ELBO | None = None) -> dict[str, float]:
+def train_step(
+    cvae: CVAE,
+    batch: Batch,
+    optimizer: torch.optim.Optimizer,
+    config: "TrainConfig",
+    elbo: ELBO | None = None,
+) -> dict[str, float]:
     """One optimisation step on the per-image mean loss; returns its terms. A non-finite loss
     leaves the parameters untouched (the caller stops the run). ``elbo``: the run's ELBO object
     (built once by the loop, here when not given)."""
     optimizer.zero_grad(set_to_none=True)
     with pyro.validation_enabled(False):  # argument checks cost time, and NaN is caught below
         elbo = elbo or make_elbo(Elbo(config.elbo), config.particles)
-        values = objective_backward(cvae, batch, elbo, config.hybrid_weight, GuideGradient(config.guide_gradient))
+        values = objective_backward(
+            cvae, batch, elbo, config.hybrid_weight, GuideGradient(config.guide_gradient)
+        )
     params = [p for group in optimizer.param_groups for p in group["params"]]
     torch.nn.utils.clip_grad_norm_(params, config.clip_norm, foreach=True)
     if math.isfinite(values["loss"]):
@@ -231,8 +256,10 @@ def train(
             try:
                 saved = run.config(checkpoint, log)
             except ValueError as e:
-                raise RunError(f"{run.checkpoint_path} holds a config that is not valid ({e}); "
-                               "pass --force to start the run over.") from None
+                raise RunError(
+                    f"{run.checkpoint_path} holds a config that is not valid ({e}); "
+                    "pass --force to start the run over."
+                ) from None
             diff = saved.differences(config)
             if diff:
                 raise RunError(
@@ -241,8 +268,12 @@ def train(
                 )
             run.write_copies(checkpoint)  # were they lost to a kill after the checkpoint was saved?
             if checkpoint["epoch"] >= config.epochs:
-                log(f"{run.path} is already trained for {checkpoint['epoch']} epochs; pass --force to train it again.")
-                return TrainResult(run.path, checkpoint["epoch"], checkpoint["step"], 0.0, Status.already_finished)
+                log(
+                    f"{run.path} is already trained for {checkpoint['epoch']} epochs; pass --force to train it again."
+                )
+                return TrainResult(
+                    run.path, checkpoint["epoch"], checkpoint["step"], 0.0, Status.already_finished
+                )
 
         if images is None:
             images, _ = load_split("train", data_dir, config.limit)
@@ -255,7 +286,9 @@ def train(
         return _train_loop(config, run, checkpoint, images, pretrained, device, log, progress)
 
 
-def _pretrained_baseline(config: TrainConfig, runs_dir: Path, device, data_dir, log, progress) -> dict:
+def _pretrained_baseline(
+    config: TrainConfig, runs_dir: Path, device, data_dir, log, progress
+) -> dict:
     """State dict of the pretrained baseline net, training it first when it is missing. A
     baseline trained on other data (images, masks) than the run's is refused."""
     wanted = config.baseline()
@@ -265,21 +298,33 @@ def _pretrained_baseline(config: TrainConfig, runs_dir: Path, device, data_dir, 
         try:
             found = base.config()
         except ValueError as e:
-            raise RunError(f"the pretrained baseline in {base.path} has a config that is not valid ({e}); "
-                           f"train it again: pyro-cvae train --variant baseline --run-dir {base.path} --force.") from None
+            raise RunError(
+                f"the pretrained baseline in {base.path} has a config that is not valid ({e}); "
+                f"train it again: pyro-cvae train --variant baseline --run-dir {base.path} --force."
+            ) from None
         if found.data_options() != wanted.data_options():
-            there = ", ".join(f"{k} {v}" for k, v in found.data_options().items() if v != wanted.data_options()[k])
-            asked = ", ".join(f"{k} {v}" for k, v in wanted.data_options().items() if v != found.data_options()[k])
+            there = ", ".join(
+                f"{k} {v}" for k, v in found.data_options().items() if v != wanted.data_options()[k]
+            )
+            asked = ", ".join(
+                f"{k} {v}" for k, v in wanted.data_options().items() if v != found.data_options()[k]
+            )
             raise RunError(
                 f"the pretrained baseline in {base.path} was trained on other data ({there}) than this run asks "
                 f"({asked}); train it again with this run's options (pyro-cvae train --variant baseline "
                 f"--run-dir {base.path} --force ...) or use another --runs-dir."
             )
     if not base.is_finished():
-        log(f"{config.variant} needs a pretrained baseline; none finished in {base.path}: training it first.")
-        result = train(wanted, run_dir=base.path, data_dir=data_dir, device=device, log=log, progress=progress)
+        log(
+            f"{config.variant} needs a pretrained baseline; none finished in {base.path}: training it first."
+        )
+        result = train(
+            wanted, run_dir=base.path, data_dir=data_dir, device=device, log=log, progress=progress
+        )
         if result.status is not Status.finished:
-            raise RunError(f"interrupted while pretraining the baseline in {base.path}; run the same command to resume.")
+            raise RunError(
+                f"interrupted while pretraining the baseline in {base.path}; run the same command to resume."
+            )
     else:
         log(f"using the pretrained baseline in {base.path}")
         if found.differences(wanted) or found.epochs != wanted.epochs:
@@ -288,8 +333,16 @@ def _pretrained_baseline(config: TrainConfig, runs_dir: Path, device, data_dir, 
     return cvae.baseline_net.state_dict()
 
 
-def _train_loop(config: TrainConfig, run: Run, checkpoint: dict | None, images: torch.Tensor,
-                pretrained: dict | None, device: torch.device, log: Callable[[str], None], progress: bool) -> TrainResult:
+def _train_loop(
+    config: TrainConfig,
+    run: Run,
+    checkpoint: dict | None,
+    images: torch.Tensor,
+    pretrained: dict | None,
+    device: torch.device,
+    log: Callable[[str], None],
+    progress: bool,
+) -> TrainResult:
     """The optimisation loop, from ``checkpoint`` (a resumed run) or from scratch, saving a
     checkpoint, with the epoch's metrics record, at the end of every epoch and on Ctrl-C."""
     variant = get_variant(config.variant)
@@ -317,9 +370,17 @@ def _train_loop(config: TrainConfig, run: Run, checkpoint: dict | None, images: 
 
     def save(epoch: int, batch: int, partial: dict | None = None) -> None:
         nonlocal saved_step
-        state = {"model": cvae.state_dict(), "optimizer": optimizer.state_dict(), "epoch": epoch, "batch": batch,
-                 "step": step, "rng": torch.get_rng_state(), "config": config.to_dict(), "run_id": run_id,
-                 "metrics": metrics}
+        state = {
+            "model": cvae.state_dict(),
+            "optimizer": optimizer.state_dict(),
+            "epoch": epoch,
+            "batch": batch,
+            "step": step,
+            "rng": torch.get_rng_state(),
+            "config": config.to_dict(),
+            "run_id": run_id,
+            "metrics": metrics,
+        }
         if partial is not None:
             state["partial"] = partial
         if device.type == "cuda":
@@ -332,19 +393,36 @@ def _train_loop(config: TrainConfig, run: Run, checkpoint: dict | None, images: 
     started = time.perf_counter()
     status = Status.finished
     batch_index = start_batch
-    with Progress(run.path.name, total, step, enabled=progress) as bar, StopOnInterrupt() as stop, \
-            warnings.catch_warnings():
-        warnings.filterwarnings("ignore", "Encountered NaN", UserWarning)  # the loop says so itself, below
+    with (
+        Progress(run.path.name, total, step, enabled=progress) as bar,
+        StopOnInterrupt() as stop,
+        warnings.catch_warnings(),
+    ):
+        warnings.filterwarnings(
+            "ignore", "Encountered NaN", UserWarning
+        )  # the loop says so itself, below
         try:
             while epoch < config.epochs:
                 sums = {"loss": 0.0, "recon": 0.0, "kl": 0.0}
                 count, epoch_start = 0, time.perf_counter()
-                if start_batch and checkpoint is not None and "partial" in checkpoint:  # an interrupted epoch
-                    sums, count = dict(checkpoint["partial"]["sums"]), checkpoint["partial"]["count"]
+                if (
+                    start_batch and checkpoint is not None and "partial" in checkpoint
+                ):  # an interrupted epoch
+                    sums, count = (
+                        dict(checkpoint["partial"]["sums"]),
+                        checkpoint["partial"]["count"],
+                    )
                     epoch_start -= checkpoint["partial"]["seconds"]
                 batch_index = start_batch
-                for batch in epoch_batches(images, config.batch_size, epoch, config.seed, config.mask, config.inputs,
-                                           start=start_batch):
+                for batch in epoch_batches(
+                    images,
+                    config.batch_size,
+                    epoch,
+                    config.seed,
+                    config.mask,
+                    config.inputs,
+                    start=start_batch,
+                ):
                     values = train_step(cvae, batch, optimizer, config, elbo)
                     if not math.isfinite(values["loss"]):
                         raise _Diverged(step, epoch, values["loss"])
@@ -361,21 +439,40 @@ def _train_loop(config: TrainConfig, run: Run, checkpoint: dict | None, images: 
                 start_batch = batch_index = 0
                 if count:
                     seconds = time.perf_counter() - epoch_start
-                    record = {"epoch": epoch, "step": step, **{k: v / count for k, v in sums.items()},
-                              "seconds": round(seconds, 2), "steps_per_s": round(count / max(seconds, 1e-9), 2),
-                              "elbo": config.elbo, "particles": config.particles, "guide_gradient": config.guide_gradient}
+                    record = {
+                        "epoch": epoch,
+                        "step": step,
+                        **{k: v / count for k, v in sums.items()},
+                        "seconds": round(seconds, 2),
+                        "steps_per_s": round(count / max(seconds, 1e-9), 2),
+                        "elbo": config.elbo,
+                        "particles": config.particles,
+                        "guide_gradient": config.guide_gradient,
+                    }
                     metrics = [*metrics, record]
                 save(epoch, 0)
-                bar.update(step, _progress_status(epoch - 1, config.epochs, sums, count, done=True), milestone=True)
+                bar.update(
+                    step,
+                    _progress_status(epoch - 1, config.epochs, sums, count, done=True),
+                    milestone=True,
+                )
                 if count and not progress:
-                    log(f"epoch {epoch}/{config.epochs}: loss {record['loss']:.3f} "
-                        f"(recon {record['recon']:.3f}, kl {record['kl']:.3f}), {record['steps_per_s']:.1f} steps/s")
+                    log(
+                        f"epoch {epoch}/{config.epochs}: loss {record['loss']:.3f} "
+                        f"(recon {record['recon']:.3f}, kl {record['kl']:.3f}), {record['steps_per_s']:.1f} steps/s"
+                    )
                 if stop.requested and epoch < config.epochs:
                     raise _Stop
         except _Stop:
-            partial = {"sums": sums, "count": count, "seconds": time.perf_counter() - epoch_start} if batch_index else None
+            partial = (
+                {"sums": sums, "count": count, "seconds": time.perf_counter() - epoch_start}
+                if batch_index
+                else None
+            )
             save(epoch, batch_index, partial)
-            log(f"interrupted at step {step}: checkpoint saved in {run.path}; run the same command to resume.")
+            log(
+                f"interrupted at step {step}: checkpoint saved in {run.path}; run the same command to resume."
+            )
             status = Status.interrupted
         except _Diverged as e:
             if saved_step is not None:
@@ -384,8 +481,10 @@ def _train_loop(config: TrainConfig, run: Run, checkpoint: dict | None, images: 
                 kept = f"{run.path} keeps the run it held before"
             else:
                 kept = "no checkpoint had been written"
-            raise RunError(f"loss became {e.value} at step {e.step} (epoch {e.epoch + 1}); training stopped and "
-                           f"{kept}. Try a smaller --lr or another --seed.") from None
+            raise RunError(
+                f"loss became {e.value} at step {e.step} (epoch {e.epoch + 1}); training stopped and "
+                f"{kept}. Try a smaller --lr or another --seed."
+            ) from None
     return TrainResult(run.path, epoch, step, time.perf_counter() - started, status)
 
 
@@ -398,7 +497,9 @@ class _Diverged(Exception):
         self.step, self.epoch, self.value = step, epoch, value
 
 
-def _progress_status(epoch: int, epochs: int, sums: dict[str, float], count: int, done: bool = False) -> str:
+def _progress_status(
+    epoch: int, epochs: int, sums: dict[str, float], count: int, done: bool = False
+) -> str:
     """Where training is, for the progress display: the epoch (0-based) and its mean loss terms so far."""
     terms = " ".join(f"{k} {v / max(count, 1):.2f}" for k, v in sums.items())
     return f"epoch {epoch + 1}/{epochs}{' done' if done else ''}, {terms}"

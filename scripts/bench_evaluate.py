@@ -25,8 +25,12 @@ from pyro_cvae.runs import load_run
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--run-dir", default=None, help="a trained run (default: an untrained joint-scratch)")
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument(
+        "--run-dir", default=None, help="a trained run (default: an untrained joint-scratch)"
+    )
     p.add_argument("--samples", type=int, default=100)
     p.add_argument("--images", type=int, default=10_000)
     p.add_argument("--naive-images", type=int, default=100)
@@ -50,15 +54,21 @@ def main() -> None:
     with torch.no_grad():
         for i in range(n):
             y, h = images[i : i + 1], hidden[i : i + 1]
-            posterior = Importance(cvae.model, cvae.guide, num_samples=args.samples).run(visible_input(y, h), y, h)
+            posterior = Importance(cvae.model, cvae.guide, num_samples=args.samples).run(
+                visible_input(y, h), y, h
+            )
             naive.append(-posterior.get_log_normalizer().item())
     naive_s = time.perf_counter() - start
 
     ours_rate, naive_rate = len(images) / ours, n / naive_s
     print(f"S={args.samples}, {args.threads} thread(s)")
-    print(f"ours : {len(images)} images in {ours:6.1f} s = {ours_rate:8.1f} images/s  (NCLL {ncll.mean():.2f})")
-    print(f"naive: {n} images in {naive_s:6.1f} s = {naive_rate:8.1f} images/s  "
-          f"(NCLL {sum(naive) / n:.2f} on them; ours {ncll[:n].mean():.2f})")
+    print(
+        f"ours : {len(images)} images in {ours:6.1f} s = {ours_rate:8.1f} images/s  (NCLL {ncll.mean():.2f})"
+    )
+    print(
+        f"naive: {n} images in {naive_s:6.1f} s = {naive_rate:8.1f} images/s  "
+        f"(NCLL {sum(naive) / n:.2f} on them; ours {ncll[:n].mean():.2f})"
+    )
     print(f"speed-up: {ours_rate / naive_rate:.0f}x")
 
 

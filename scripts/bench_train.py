@@ -42,19 +42,32 @@ def plain_loss(cvae: CVAE, x, y, hidden) -> torch.Tensor:
     z = loc + scale * torch.randn_like(scale)
     logits = cvae.generation_net(z)
     recon = (F.binary_cross_entropy_with_logits(logits, y, reduction="none") * hidden).sum()
-    kl = (torch.log(prior_scale / scale) + (scale**2 + (loc - prior_loc) ** 2) / (2 * prior_scale**2) - 0.5).sum()
+    kl = (
+        torch.log(prior_scale / scale)
+        + (scale**2 + (loc - prior_loc) ** 2) / (2 * prior_scale**2)
+        - 0.5
+    ).sum()
     return (recon + kl) / len(x)
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--variant", default="joint-scratch", choices=["joint-scratch", "joint-pretrained"])
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument(
+        "--variant", default="joint-scratch", choices=["joint-scratch", "joint-pretrained"]
+    )
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--steps", type=int, default=200, help="steps per round and per route")
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--particles", type=int, default=10, help="K of the iwae route")
-    p.add_argument("--guide-gradient", default="dreg", choices=["reparam", "stl", "dreg", "rws"], help="of the iwae route")
+    p.add_argument(
+        "--guide-gradient",
+        default="dreg",
+        choices=["reparam", "stl", "dreg", "rws"],
+        help="of the iwae route",
+    )
     p.add_argument("--data-dir", default=None)
     args = p.parse_args()
     torch.set_num_threads(args.threads)
@@ -63,15 +76,24 @@ def main() -> None:
     images, _ = load_split("train", args.data_dir, limit=args.batch_size * (args.steps + 20))
     batches = list(epoch_batches(images, args.batch_size, epoch=0, seed=0))
     meanfield = TrainConfig(variant=args.variant, batch_size=args.batch_size)
-    iwae = TrainConfig(variant=args.variant, batch_size=args.batch_size, elbo="iwae", particles=args.particles,
-                       guide_gradient=args.guide_gradient)
+    iwae = TrainConfig(
+        variant=args.variant,
+        batch_size=args.batch_size,
+        elbo="iwae",
+        particles=args.particles,
+        guide_gradient=args.guide_gradient,
+    )
 
     initial = CVAE(get_variant(args.variant))
 
     def plain_route(fused: bool):
         cvae = copy.deepcopy(initial)
         params = cvae.trainable_parameters()
-        optimizer = make_optimizer(cvae, meanfield.lr) if fused else torch.optim.Adam(params, lr=meanfield.lr)
+        optimizer = (
+            make_optimizer(cvae, meanfield.lr)
+            if fused
+            else torch.optim.Adam(params, lr=meanfield.lr)
+        )
 
         def step(b):
             loss = plain_loss(cvae, b.x, b.y, b.hidden)
@@ -84,7 +106,10 @@ def main() -> None:
 
     def pyro_route(config: TrainConfig):
         cvae = copy.deepcopy(initial)
-        optimizer, elbo = make_optimizer(cvae, config.lr), make_elbo(Elbo(config.elbo), config.particles)
+        optimizer, elbo = (
+            make_optimizer(cvae, config.lr),
+            make_elbo(Elbo(config.elbo), config.particles),
+        )
         return lambda b: train_step(cvae, b, optimizer, config, elbo)
 
     routes = {
@@ -110,11 +135,15 @@ def main() -> None:
     median = {name: statistics.median(v) for name, v in ms.items()}
     yardstick = median["(b) plain PyTorch, fused Adam"]
     steps = 37_500
-    print(f"{args.variant}, batch {args.batch_size}, {args.threads} thread(s), {args.steps} steps x {args.rounds} rounds "
-          f"(median of rounds; ratios to (b))")
+    print(
+        f"{args.variant}, batch {args.batch_size}, {args.threads} thread(s), {args.steps} steps x {args.rounds} rounds "
+        f"(median of rounds; ratios to (b))"
+    )
     for name, m in median.items():
-        print(f"{name:<40} {m:6.2f} ms  x{m / yardstick:5.3f}  20 epochs {m * steps / 60000:5.1f} min   "
-              f"rounds {', '.join(f'{r:.2f}' for r in ms[name])}")
+        print(
+            f"{name:<40} {m:6.2f} ms  x{m / yardstick:5.3f}  20 epochs {m * steps / 60000:5.1f} min   "
+            f"rounds {', '.join(f'{r:.2f}' for r in ms[name])}"
+        )
 
 
 if __name__ == "__main__":

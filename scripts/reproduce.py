@@ -38,12 +38,31 @@ from pyro_cvae.references import reference_for
 from pyro_cvae.runs import Run, baseline_run_dir, default_run_dir, run_name
 
 # longest first, so that two workers finish close together; the baseline first, others depend on it
-ORDER = ["baseline", "joint-scratch-iwae", "cvae-iwae", "hybrid", "joint-scratch", "joint-pretrained", "gsnn", "cvae",
-         "cond-decoder", "cond-decoder-no-baseline", "no-baseline", "unconditioned-prior"]
+ORDER = [
+    "baseline",
+    "joint-scratch-iwae",
+    "cvae-iwae",
+    "hybrid",
+    "joint-scratch",
+    "joint-pretrained",
+    "gsnn",
+    "cvae",
+    "cond-decoder",
+    "cond-decoder-no-baseline",
+    "no-baseline",
+    "unconditioned-prior",
+]
 
 
-def run_one(config: dict, run_dir: str, runs_dir: str, data_dir: str | None, evaluations: list[dict],
-            threads: int, re_evaluate: bool) -> dict:
+def run_one(
+    config: dict,
+    run_dir: str,
+    runs_dir: str,
+    data_dir: str | None,
+    evaluations: list[dict],
+    threads: int,
+    re_evaluate: bool,
+) -> dict:
     """Train (unless finished) and evaluate one run, in a worker process with its own thread count."""
     import torch
 
@@ -62,21 +81,39 @@ def run_one(config: dict, run_dir: str, runs_dir: str, data_dir: str | None, eva
 
     out = {"run_dir": str(run_dir), "evaluations": []}
     try:
-        result = train(TrainConfig.from_dict(config), run_dir=run_dir, runs_dir=runs_dir, data_dir=data_dir,
-                       device="cpu", log=log, progress=False)
+        result = train(
+            TrainConfig.from_dict(config),
+            run_dir=run_dir,
+            runs_dir=runs_dir,
+            data_dir=data_dir,
+            device="cpu",
+            log=log,
+            progress=False,
+        )
         out["train_status"] = result.status.value
         if result.status is Status.interrupted:
             raise RuntimeError("training was interrupted; run the same command to resume")
         variant = get_variant(config["variant"])
         for ev in evaluations:
-            saved = run.current_evaluation(ev["split"], variant.importance_samples(ev["samples"]), ev["limit"])
+            saved = run.current_evaluation(
+                ev["split"], variant.importance_samples(ev["samples"]), ev["limit"]
+            )
             if saved is not None and not re_evaluate:
                 out["evaluations"].append(saved)
                 continue
-            r = evaluate_run(run_dir, samples=ev["samples"], split=ev["split"], limit=ev["limit"],
-                             data_dir=data_dir, device="cpu", log=log)
+            r = evaluate_run(
+                run_dir,
+                samples=ev["samples"],
+                split=ev["split"],
+                limit=ev["limit"],
+                data_dir=data_dir,
+                device="cpu",
+                log=log,
+            )
             out["evaluations"].append(r.__dict__)
-            log(f"evaluated {ev['split']}: NCLL {r.ncll:.3f} ± {r.ncll_se:.3f} in {r.seconds:.1f} s")
+            log(
+                f"evaluated {ev['split']}: NCLL {r.ncll:.3f} ± {r.ncll_se:.3f} in {r.seconds:.1f} s"
+            )
     except Exception as e:  # reported in the table; the sweep goes on with the other runs
         log(traceback.format_exc())
         out["error"] = f"{type(e).__name__}: {e}"
@@ -94,9 +131,13 @@ def _train_seconds(run_dir: Path) -> tuple[float, int]:
     return sum(r["seconds"] for r in rows), (rows[-1]["step"] if rows else 0)
 
 
-def write_results(rows: list[dict], runs_dir: Path, name: str, command: str, wall: float, fixed: bool) -> Path:
+def write_results(
+    rows: list[dict], runs_dir: Path, name: str, command: str, wall: float, fixed: bool
+) -> Path:
     # the reference measured on training images, the Pyro tutorial on test images
-    reference, compare = ("Pyro tutorial (test, a bound)", "test") if fixed else ("reference (train)", "train")
+    reference, compare = (
+        ("Pyro tutorial (test, a bound)", "test") if fixed else ("reference (train)", "train")
+    )
     lines = [
         f"Command: `{command}`  ",
         f"Wall time of this invocation: {wall / 60:.1f} min on {os.cpu_count()} CPU cores.",
@@ -118,13 +159,26 @@ def write_results(rows: list[dict], runs_dir: Path, name: str, command: str, wal
         )
     summary = seed_summary(rows)
     if summary:
-        lines += ["", "Over training seeds (mean ± standard deviation of the runs' NCLL; n seeds):", "",
-                  "| variant | seeds | NCLL test | NCLL train (first 10k) |", "| --- | --- | --- | --- |"]
+        lines += [
+            "",
+            "Over training seeds (mean ± standard deviation of the runs' NCLL; n seeds):",
+            "",
+            "| variant | seeds | NCLL test | NCLL train (first 10k) |",
+            "| --- | --- | --- | --- |",
+        ]
         spread = lambda s: f"{s['mean']:.2f} ± {s['sd']:.2f}" if s else "-"  # noqa: E731
         for s in summary:
-            lines.append(f"| {s['group']} | {', '.join(map(str, s['seeds']))} | {spread(s['test'])} | {spread(s['train'])} |")
-    atomic_write_text(json.dumps({"command": command, "wall_seconds": wall, "runs": rows, "over_seeds": summary},
-                                 indent=2) + "\n", runs_dir / f"{name}.json")
+            lines.append(
+                f"| {s['group']} | {', '.join(map(str, s['seeds']))} | {spread(s['test'])} | {spread(s['train'])} |"
+            )
+    atomic_write_text(
+        json.dumps(
+            {"command": command, "wall_seconds": wall, "runs": rows, "over_seeds": summary},
+            indent=2,
+        )
+        + "\n",
+        runs_dir / f"{name}.json",
+    )
     path = runs_dir / f"{name}.md"
     atomic_write_text("\n".join(lines) + "\n", path)
     return path
@@ -143,48 +197,100 @@ def seed_summary(rows: list[dict]) -> list[dict]:
         entry = {"group": key, "seeds": [r["seed"] for r in members]}
         for split in ("test", "train"):
             values = [r[split]["ncll"] for r in members if r.get(split)]
-            entry[split] = ({"mean": statistics.mean(values), "sd": statistics.stdev(values), "n": len(values),
-                             "per_seed": values} if len(values) > 1 else None)
+            entry[split] = (
+                {
+                    "mean": statistics.mean(values),
+                    "sd": statistics.stdev(values),
+                    "n": len(values),
+                    "per_seed": values,
+                }
+                if len(values) > 1
+                else None
+            )
         summary.append(entry)
     return summary
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS), metavar="NAME")
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument(
+        "--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS), metavar="NAME"
+    )
     p.add_argument("--epochs", type=int, default=20)
-    p.add_argument("--seeds", type=int, nargs="+", default=[0], help="training seeds, one run of each variant per seed")
+    p.add_argument(
+        "--seeds",
+        type=int,
+        nargs="+",
+        default=[0],
+        help="training seeds, one run of each variant per seed",
+    )
     p.add_argument("--mask", choices=["random", "fixed"], default="random")
     p.add_argument("--inputs", type=int, nargs="+", default=[1], choices=[1, 2, 3])
     p.add_argument("--jobs", type=int, default=2, help="runs at once, one thread each")
     p.add_argument("--threads", type=int, default=1, help="threads per run")
     p.add_argument("--samples", type=int, default=100)
-    p.add_argument("--test-images", type=int, default=None, help="evaluate on the first N test images (all)")
-    p.add_argument("--train-images", type=int, default=10000, help="training images to evaluate on (0: skip)")
-    p.add_argument("--limit", type=int, default=None, help="train on the first N images (smoke runs)")
+    p.add_argument(
+        "--test-images", type=int, default=None, help="evaluate on the first N test images (all)"
+    )
+    p.add_argument(
+        "--train-images", type=int, default=10000, help="training images to evaluate on (0: skip)"
+    )
+    p.add_argument(
+        "--limit", type=int, default=None, help="train on the first N images (smoke runs)"
+    )
     p.add_argument("--runs-dir", type=Path, default=Path("runs"))
     p.add_argument("--data-dir", type=str, default=None)
     p.add_argument("--no-eval", action="store_true", help="train only")
     p.add_argument("--re-evaluate", action="store_true", help="repeat evaluations already on disk")
-    p.add_argument("--out", default=None, help="results file stem (default: results or results-fixed)")
+    p.add_argument(
+        "--out", default=None, help="results file stem (default: results or results-fixed)"
+    )
     args = p.parse_args(argv)
     if args.epochs < 1 or args.jobs < 1 or args.samples < 1:
         p.error("--epochs, --jobs and --samples must be at least 1")
 
     command = "python scripts/reproduce.py " + " ".join(sys.argv[1:] if argv is None else argv)
-    evaluations = [] if args.no_eval else [
-        {"split": "test", "samples": args.samples, "limit": whole_split_limit(args.test_images, split_size("test"))}]
+    evaluations = (
+        []
+        if args.no_eval
+        else [
+            {
+                "split": "test",
+                "samples": args.samples,
+                "limit": whole_split_limit(args.test_images, split_size("test")),
+            }
+        ]
+    )
     if args.train_images and not args.no_eval:
-        evaluations.append({"split": "train", "samples": args.samples,
-                            "limit": whole_split_limit(args.train_images, split_size("train"))})
+        evaluations.append(
+            {
+                "split": "train",
+                "samples": args.samples,
+                "limit": whole_split_limit(args.train_images, split_size("train")),
+            }
+        )
 
     runs = []  # (name, config, run_dir, depends_on)
     for seed in dict.fromkeys(args.seeds):
         for inputs in args.inputs:
-            for name in sorted(args.variants, key=lambda v: ORDER.index(v) if v in ORDER else len(ORDER)):
-                config = TrainConfig(variant=name, epochs=args.epochs, mask=Mask(args.mask),
-                                     inputs=inputs if args.mask == "fixed" else None, limit=args.limit, seed=seed)
-                dep = baseline_run_dir(args.runs_dir, config) if get_variant(name).pretrained else None
+            for name in sorted(
+                args.variants, key=lambda v: ORDER.index(v) if v in ORDER else len(ORDER)
+            ):
+                config = TrainConfig(
+                    variant=name,
+                    epochs=args.epochs,
+                    mask=Mask(args.mask),
+                    inputs=inputs if args.mask == "fixed" else None,
+                    limit=args.limit,
+                    seed=seed,
+                )
+                dep = (
+                    baseline_run_dir(args.runs_dir, config)
+                    if get_variant(name).pretrained
+                    else None
+                )
                 run_dir = default_run_dir(args.runs_dir, config)
                 runs.append((run_dir.name, config, run_dir, dep))
     # a variant that needs the pretrained baseline waits for it (trained here even when not asked for)
@@ -198,17 +304,26 @@ def main(argv: list[str] | None = None) -> int:
     running: dict = {}  # future -> run name
 
     def status() -> str:
-        epochs = ", ".join(f"{name} epoch {_epochs_done(rd)}/{cfg.epochs}" for name, cfg, rd, _ in runs
-                           if name in running.values())
+        epochs = ", ".join(
+            f"{name} epoch {_epochs_done(rd)}/{cfg.epochs}"
+            for name, cfg, rd, _ in runs
+            if name in running.values()
+        )
         return f"{len(results)}/{len(runs)} runs done" + (f"; running {epochs}" if epochs else "")
 
     def epochs_done() -> int:
         return sum(min(_epochs_done(rd), cfg.epochs) for _, cfg, rd, _ in runs)
 
     # a live bar on a terminal; in a log, a line every minute and one per run finished
-    with Progress("reproduce", total=sum(cfg.epochs for _, cfg, _, _ in runs), completed=epochs_done(),
-                  unit="epochs") as progress:
-        with ProcessPoolExecutor(max_workers=args.jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
+    with Progress(
+        "reproduce",
+        total=sum(cfg.epochs for _, cfg, _, _ in runs),
+        completed=epochs_done(),
+        unit="epochs",
+    ) as progress:
+        with ProcessPoolExecutor(
+            max_workers=args.jobs, mp_context=multiprocessing.get_context("spawn")
+        ) as pool:
             while pending or running:
                 done_dirs = {Path(r["run_dir"]) for r in results.values() if "error" not in r}
                 for item in list(pending):
@@ -217,20 +332,36 @@ def main(argv: list[str] | None = None) -> int:
                         break
                     if dep is None or dep in done_dirs or Run(dep).is_finished():
                         pending.remove(item)
-                        fut = pool.submit(run_one, cfg.to_dict(), str(rd), str(args.runs_dir), args.data_dir,
-                                          evaluations, args.threads, args.re_evaluate)
+                        fut = pool.submit(
+                            run_one,
+                            cfg.to_dict(),
+                            str(rd),
+                            str(args.runs_dir),
+                            args.data_dir,
+                            evaluations,
+                            args.threads,
+                            args.re_evaluate,
+                        )
                         running[fut] = name
                 finished, _ = wait(list(running), timeout=5, return_when=FIRST_COMPLETED)
                 for fut in finished:
                     name = running.pop(fut)
                     results[name] = fut.result()
                     error = results[name].get("error")
-                    console.print(f"{name}: {'failed: ' + error if error else 'done'}", markup=False, highlight=False)
+                    console.print(
+                        f"{name}: {'failed: ' + error if error else 'done'}",
+                        markup=False,
+                        highlight=False,
+                    )
                 progress.update(epochs_done(), status(), milestone=bool(finished))
                 if not running and pending and not finished:
                     # nothing runs and nothing can start: a dependency failed
                     for name, *_ in pending:
-                        results[name] = {"run_dir": "", "error": "its pretrained baseline failed", "evaluations": []}
+                        results[name] = {
+                            "run_dir": "",
+                            "error": "its pretrained baseline failed",
+                            "evaluations": [],
+                        }
                     pending.clear()
 
     wall = time.perf_counter() - started
@@ -240,12 +371,26 @@ def main(argv: list[str] | None = None) -> int:
         evs = {e["split"]: e for e in r.get("evaluations", [])}
         seconds, steps = _train_seconds(rd)
         # the figure the table compares with: Pyro's tutorial on test images, else the reference's table (train)
-        outside = reference_for(cfg.variant, cfg.mask, cfg.inputs, "test" if cfg.mask is Mask.fixed else "train")
+        outside = reference_for(
+            cfg.variant, cfg.mask, cfg.inputs, "test" if cfg.mask is Mask.fixed else "train"
+        )
         reference = outside.ncll if outside else None
-        rows.append({"run": name, "variant": cfg.variant, "seed": cfg.seed, "epochs": _epochs_done(rd), "mask": cfg.mask.value,
-                     "inputs": cfg.inputs, "reference_ncll": reference,
-                     "test": evs.get("test"), "train": evs.get("train"), "train_seconds": seconds,
-                     "ms_per_step": 1000 * seconds / max(steps, 1), **({"error": r["error"]} if "error" in r else {})})
+        rows.append(
+            {
+                "run": name,
+                "variant": cfg.variant,
+                "seed": cfg.seed,
+                "epochs": _epochs_done(rd),
+                "mask": cfg.mask.value,
+                "inputs": cfg.inputs,
+                "reference_ncll": reference,
+                "test": evs.get("test"),
+                "train": evs.get("train"),
+                "train_seconds": seconds,
+                "ms_per_step": 1000 * seconds / max(steps, 1),
+                **({"error": r["error"]} if "error" in r else {}),
+            }
+        )
     out = args.out or ("results" if args.mask == "random" else "results-fixed")
     path = write_results(rows, args.runs_dir, out, command, wall, fixed=args.mask == "fixed")
     console.print(path.read_text(), markup=False, highlight=False)

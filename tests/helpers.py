@@ -18,5 +18,12 @@ def fake_images(n: int, seed: int = 0) -> torch.Tensor:
 
 def train_tiny(run_dir: Path, variant: str = "joint-scratch", epochs: int = 1, n: int = 64, **kw):
     config = TrainConfig(variant=variant, epochs=epochs, batch_size=16, limit=n, **kw)
-    return train(config, run_dir=run_dir, runs_dir=run_dir.parent, images=fake_images(n), progress=False,
-                 log=lambda m: None, device="cpu")
+    return train(
+        config,
+        run_dir=run_dir,
+        runs_dir=run_dir.parent,
+        images=fake_images(n),
+        progress=False,
+        log=lambda m: None,
+        device="cpu",
+    )

@@ -17,10 +17,20 @@ README = Path(__file__).resolve().parents[1] / "README.md"
 
 
 def test_every_export_is_the_library_object_and_documented():
-    assert {"load_run", "completions", "evaluate_run", "ncll_per_image", "VARIANTS", "get_variant",
-            "evaluation_masks", "load_split"} <= set(pyro_cvae.__all__)
+    assert {
+        "load_run",
+        "completions",
+        "evaluate_run",
+        "ncll_per_image",
+        "VARIANTS",
+        "get_variant",
+        "evaluation_masks",
+        "load_split",
+    } <= set(pyro_cvae.__all__)
     assert pyro_cvae.load_run is runs.load_run and pyro_cvae.completions is sample.completions
-    assert pyro_cvae.ncll_per_image is evaluate.ncll_per_image and pyro_cvae.VARIANTS is model.VARIANTS
+    assert (
+        pyro_cvae.ncll_per_image is evaluate.ncll_per_image and pyro_cvae.VARIANTS is model.VARIANTS
+    )
     assert pyro_cvae.evaluation_masks is data.evaluation_masks
     for name in pyro_cvae.__all__:
         thing = getattr(pyro_cvae, name)
@@ -46,7 +56,11 @@ def test_the_readme_session_runs(tmp_path, monkeypatch, mnist_dir):
         exec(compile(_readme_session(), str(README), "exec"), namespace)
     assert namespace["images"].shape == (10, 784) and namespace["completed"].shape == (5, 10, 784)
     hidden = namespace["hidden"]
-    assert torch.equal(namespace["completed"][:, ~hidden], namespace["images"][~hidden].expand(5, -1))
+    assert torch.equal(
+        namespace["completed"][:, ~hidden], namespace["images"][~hidden].expand(5, -1)
+    )
     ncll = namespace["ncll"]
     assert ncll.shape == (10,) and torch.isfinite(ncll).all() and (ncll > 0).all()
-    assert re.fullmatch(r"no-baseline after 1 epochs: NCLL \d+\.\d\d nats per digit\n", printed.getvalue())
+    assert re.fullmatch(
+        r"no-baseline after 1 epochs: NCLL \d+\.\d\d nats per digit\n", printed.getvalue()
+    )

@@ -14,7 +14,10 @@ from pyro_cvae.console import Column, Progress, print_table
 from pyro_cvae.data import FILES
 from pyro_cvae.model import VARIANTS
 
-NARROW = {"COLUMNS": "60", "TERM": "dumb"}  # a pipe at 60 columns: not a terminal, narrower than any table
+NARROW = {
+    "COLUMNS": "60",
+    "TERM": "dumb",
+}  # a pipe at 60 columns: not a terminal, narrower than any table
 
 
 def _first_words(output: str) -> set[str]:
@@ -25,14 +28,18 @@ def test_variants_through_a_narrow_pipe_keep_every_name_and_config_whole():
     result = CliRunner(env=NARROW).invoke(app, ["variants"])
     assert result.exit_code == 0, result.output
     assert "…" not in result.output
-    assert set(VARIANTS) <= _first_words(result.output), "a row per variant, its name whole at the start"
+    assert set(VARIANTS) <= _first_words(result.output), (
+        "a row per variant, its name whole at the start"
+    )
     for v in VARIANTS.values():
         row = next(line for line in result.output.splitlines() if line.split()[0] == v.name)
         assert v.summary in row and (v.reference_config or "(paper)") in row.split()
 
 
 def test_data_through_a_narrow_pipe_keeps_every_file_name_and_path_whole(tmp_path, mnist_dir):
-    deep = tmp_path / ("a-folder-with-a-long-name-" * 3) / "mnist"  # paths far wider than 60 columns
+    deep = (
+        tmp_path / ("a-folder-with-a-long-name-" * 3) / "mnist"
+    )  # paths far wider than 60 columns
     deep.mkdir(parents=True)
     for path in mnist_dir.iterdir():
         (deep / path.name).symlink_to(path.resolve())
@@ -47,8 +54,15 @@ def test_data_through_a_narrow_pipe_keeps_every_file_name_and_path_whole(tmp_pat
 @pytest.mark.parametrize("width,boxed", [(200, True), (40, False)])
 def test_a_terminal_table_is_drawn_only_when_the_names_fit(width, boxed):
     out = Console(file=io.StringIO(), force_terminal=True, width=width, color_system=None)
-    rows = [["cond-decoder-no-baseline", "a long description " * 4, "/a/path/that/is/long/enough.json"]]
-    print_table("title", [Column("variant", whole=True), Column("what"), Column("path", whole=True)], rows, out=out)
+    rows = [
+        ["cond-decoder-no-baseline", "a long description " * 4, "/a/path/that/is/long/enough.json"]
+    ]
+    print_table(
+        "title",
+        [Column("variant", whole=True), Column("what"), Column("path", whole=True)],
+        rows,
+        out=out,
+    )
     text = out.file.getvalue()
     assert ("┃" in text) == boxed
     assert "cond-decoder-no-baseline" in text and "/a/path/that/is/long/enough.json" in text
@@ -71,7 +85,15 @@ def test_plain_progress_prints_at_milestones_and_at_least_every_minute():
     lines = out.file.getvalue().splitlines()
     # a line at 60 s, 120 s, ... (every 120 steps), and one at step 500 (the milestone)
     assert [int(re.match(r"run: (\d+)/1000 steps", line).group(1)) for line in lines] == [
-        220, 340, 460, 500, 620, 740, 860, 980]
+        220,
+        340,
+        460,
+        500,
+        620,
+        740,
+        860,
+        980,
+    ]
     assert lines[0] == "run: 220/1000 steps (22%), epoch 1/2, 2.0 steps/s, ETA 0:06:30"
 
 
@@ -85,12 +107,40 @@ def test_disabled_progress_prints_nothing():
 def test_training_into_a_file_writes_progress_lines(tmp_path, mnist_dir):
     log = tmp_path / "train.log"
     with open(log, "w") as f:
-        subprocess.run([sys.executable, "-m", "pyro_cvae", "train", "--variant", "no-baseline", "--epochs", "2",
-                        "--limit", "64", "--batch-size", "16", "--threads", "1", "--runs-dir", str(tmp_path / "runs"),
-                        "--data-dir", str(mnist_dir)], stdout=f, stderr=subprocess.STDOUT, timeout=120, check=True)
+        subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "pyro_cvae",
+                "train",
+                "--variant",
+                "no-baseline",
+                "--epochs",
+                "2",
+                "--limit",
+                "64",
+                "--batch-size",
+                "16",
+                "--threads",
+                "1",
+                "--runs-dir",
+                str(tmp_path / "runs"),
+                "--data-dir",
+                str(mnist_dir),
+            ],
+            stdout=f,
+            stderr=subprocess.STDOUT,
+            timeout=120,
+            check=True,
+        )
     text = log.read_text()
     progress = [line for line in text.splitlines() if line.startswith("no-baseline: ")]
-    pattern = (r"no-baseline: (\d)/8 steps \(\d+%\), epoch (\d)/2 done, loss [\d.]+ recon [\d.]+ kl [\d.]+, "
-               r"[\d.]+ steps/s, ETA \d+:\d\d:\d\d")
-    assert [re.fullmatch(pattern, line).groups() for line in progress] == [("4", "1"), ("8", "2")], text
+    pattern = (
+        r"no-baseline: (\d)/8 steps \(\d+%\), epoch (\d)/2 done, loss [\d.]+ recon [\d.]+ kl [\d.]+, "
+        r"[\d.]+ steps/s, ETA \d+:\d\d:\d\d"
+    )
+    assert [re.fullmatch(pattern, line).groups() for line in progress] == [
+        ("4", "1"),
+        ("8", "2"),
+    ], text
     assert "━" not in text and "\x1b" not in text, "no bar, no escape codes in a file"

@@ -30,7 +30,10 @@ def test_real_mnist_verifies_and_loads(mnist_dir):
     # a limit covering the split names the whole split (one evaluation file, not two for the same images)
     assert data.whole_split_limit(10000, data.split_size("test")) is None
     assert data.whole_split_limit(9999, data.split_size("test")) == 9999
-    assert data.whole_split_limit(10000, data.split_size("train")) == 10000 and data.whole_split_limit(None, 60000) is None
+    assert (
+        data.whole_split_limit(10000, data.split_size("train")) == 10000
+        and data.whole_split_limit(None, 60000) is None
+    )
     assert images.min() == 0.0 and images.max() == 1.0
     assert ((images > 0) & (images < 1)).any(), "grey values, not binarised"
     assert labels.shape == (10000,) and set(labels.tolist()) == set(range(10))
@@ -54,7 +57,9 @@ def test_truncated_gzip_gives_clear_error(mnist_dir, tmp_path):
     folder = _copy_mnist(mnist_dir, tmp_path / "d")
     path = folder / "t10k-labels-idx1-ubyte.gz"
     path.write_bytes(path.read_bytes()[:2000])
-    with pytest.raises(data.DataError, match=r"t10k-labels-idx1-ubyte.gz: cannot be read .*truncated or corrupt"):
+    with pytest.raises(
+        data.DataError, match=r"t10k-labels-idx1-ubyte.gz: cannot be read .*truncated or corrupt"
+    ):
         data.check(folder)
 
 
@@ -64,7 +69,9 @@ def test_flipped_byte_fails_checksum(mnist_dir, tmp_path):
     raw = bytearray(gzip.decompress(path.read_bytes()))
     raw[100] ^= 0xFF
     path.unlink()
-    (folder / "train-labels-idx1-ubyte").write_bytes(bytes(raw))  # raw (uncompressed) files are accepted too
+    (folder / "train-labels-idx1-ubyte").write_bytes(
+        bytes(raw)
+    )  # raw (uncompressed) files are accepted too
     with pytest.raises(data.DataError, match=r"train-labels-idx1-ubyte: md5 .* expected a25bea73"):
         data.check(folder)
 
@@ -104,7 +111,11 @@ def test_cli_data_reports_and_fails_cleanly(mnist_dir, tmp_path):
     corrupt = _copy_mnist(mnist_dir, tmp_path / "corrupt")
     (corrupt / "train-labels-idx1-ubyte.gz").write_bytes(b"not a gzip file at all")
     bad = runner.invoke(app, ["data", "--data-dir", str(corrupt)])
-    assert bad.exit_code == 1 and "train-labels-idx1-ubyte.gz" in bad.output and "Traceback" not in bad.output
+    assert (
+        bad.exit_code == 1
+        and "train-labels-idx1-ubyte.gz" in bad.output
+        and "Traceback" not in bad.output
+    )
 
 
 # ------------------------------------------------------------------ masks
@@ -126,7 +137,9 @@ def test_random_masks_hide_three_whole_quadrants():
     assert (counts > 60).all(), f"visible quadrant should be uniform, got {counts.tolist()}"
 
 
-@pytest.mark.parametrize("k,visible,hidden_count", [(1, {2}, 588), (2, {0, 2}, 392), (3, {0, 1, 2}, 196)])
+@pytest.mark.parametrize(
+    "k,visible,hidden_count", [(1, {2}, 588), (2, {0, 2}, 392), (3, {0, 1, 2}, 196)]
+)
 def test_fixed_masks(k, visible, hidden_count):
     hidden = data.hidden_masks(5, "fixed", inputs=k)
     assert (hidden.sum(1) == hidden_count).all()
@@ -183,6 +196,8 @@ def test_no_network_gives_the_clear_message(monkeypatch, tmp_path):
 
     monkeypatch.delenv("PYRO_CVAE_DATA", raising=False)
     monkeypatch.setattr(torchvision.datasets, "MNIST", Offline)
-    with pytest.raises(data.DataError, match=r"MNIST not found.*downloading failed \(RuntimeError\).*--data-dir"):
+    with pytest.raises(
+        data.DataError, match=r"MNIST not found.*downloading failed \(RuntimeError\).*--data-dir"
+    ):
         data.load_split("test")
     assert calls == [str(tmp_path / "cache" / "pyro-cvae" / "mnist")]

@@ -38,8 +38,9 @@ def test_log_weights_equal_pyros_vectorized_importance_weights(trained):
         pyro.set_rng_seed(i)
         ours = log_weights(cvae, x, y, h, 50)[:, 0]
         pyro.set_rng_seed(i)
-        theirs, _, _ = vectorized_importance_weights(cvae.model, cvae.guide, x, y, h, num_samples=50,
-                                                     max_plate_nesting=1, normalized=False)
+        theirs, _, _ = vectorized_importance_weights(
+            cvae.model, cvae.guide, x, y, h, num_samples=50, max_plate_nesting=1, normalized=False
+        )
         assert torch.allclose(ours, theirs, rtol=1e-5, atol=1e-3)
 
 
@@ -55,8 +56,14 @@ def test_ncll_agrees_with_pyro_importance_within_its_spread(trained):
         reference = -posterior.get_log_normalizer().item()
         w = torch.stack(posterior.log_weights).detach()
         # standard error of log(mean w) by the delta method, for both estimates
-        se = (torch.exp(w - w.max()).std() / torch.exp(w - w.max()).mean() / math.sqrt(len(w))).item()
-        assert abs(ours[i].item() - reference) < 5 * math.sqrt(2) * se + 0.05, (ours[i].item(), reference, se)
+        se = (
+            torch.exp(w - w.max()).std() / torch.exp(w - w.max()).mean() / math.sqrt(len(w))
+        ).item()
+        assert abs(ours[i].item() - reference) < 5 * math.sqrt(2) * se + 0.05, (
+            ours[i].item(),
+            reference,
+            se,
+        )
 
 
 def test_one_sample_averages_to_the_negative_elbo_and_more_samples_do_better(trained):
@@ -68,8 +75,15 @@ def test_one_sample_averages_to_the_negative_elbo_and_more_samples_do_better(tra
     b = make_batch(images, hidden)
     pyro.set_rng_seed(1)
     with torch.no_grad():
-        neg_elbo = sum(Trace_ELBO().loss(cvae.model, cvae.guide, b.x, b.y, b.hidden) for _ in range(5)) / 5 / 400
-    assert abs(s1.mean().item() - neg_elbo) < 4 * (s1.std().item() / math.sqrt(400)), (s1.mean(), neg_elbo)
+        neg_elbo = (
+            sum(Trace_ELBO().loss(cvae.model, cvae.guide, b.x, b.y, b.hidden) for _ in range(5))
+            / 5
+            / 400
+        )
+    assert abs(s1.mean().item() - neg_elbo) < 4 * (s1.std().item() / math.sqrt(400)), (
+        s1.mean(),
+        neg_elbo,
+    )
     pyro.set_rng_seed(2)
     s10, _ = ncll_per_image(cvae, images, hidden, samples=10)
     pyro.set_rng_seed(3)
@@ -104,7 +118,9 @@ def test_baseline_ncll_is_the_bce_of_the_hidden_pixels(tmp_path):
     images, hidden = fake_images(20, seed=14), evaluation_masks(20, seed=0)
     ncll, ess = ncll_per_image(cvae, images, hidden, samples=100)
     with torch.no_grad():
-        bce = F.binary_cross_entropy_with_logits(cvae.baseline_net(visible_input(images, hidden)), images, reduction="none")
+        bce = F.binary_cross_entropy_with_logits(
+            cvae.baseline_net(visible_input(images, hidden)), images, reduction="none"
+        )
     assert torch.allclose(ncll, (bce * hidden).sum(1), rtol=1e-5)
     assert torch.equal(ess, torch.ones(20))
 
@@ -112,15 +128,28 @@ def test_baseline_ncll_is_the_bce_of_the_hidden_pixels(tmp_path):
 def test_results_file(trained):
     run_dir, _ = trained
     images = fake_images(30, seed=15)
-    r = evaluate_run(run_dir, samples=5, split="test", images=images, device="cpu", log=lambda m: None)
+    r = evaluate_run(
+        run_dir, samples=5, split="test", images=images, device="cpu", log=lambda m: None
+    )
     saved = json.loads((run_dir / "eval-test-S5.json").read_text())
-    assert saved["images"] == 30 and saved["samples"] == 5 and saved["split"] == "test" and saved["mask"] == "random"
-    assert saved["ncll"] == pytest.approx(r.ncll) and saved["ncll_se"] > 0 and 1 <= saved["ess_mean"] <= 5
+    assert (
+        saved["images"] == 30
+        and saved["samples"] == 5
+        and saved["split"] == "test"
+        and saved["mask"] == "random"
+    )
+    assert (
+        saved["ncll"] == pytest.approx(r.ncll)
+        and saved["ncll_se"] > 0
+        and 1 <= saved["ess_mean"] <= 5
+    )
     assert saved["epochs"] == 3 and saved["proposal"].startswith("recognition")
     # the same seed gives the same number (fixed masks and draws); limit takes a prefix of the same masks
     again = evaluate_run(run_dir, samples=5, images=images, device="cpu", log=lambda m: None)
     assert again.ncll == r.ncll
-    prefix = evaluate_run(run_dir, samples=5, images=images, limit=10, device="cpu", log=lambda m: None)
+    prefix = evaluate_run(
+        run_dir, samples=5, images=images, limit=10, device="cpu", log=lambda m: None
+    )
     assert prefix.images == 10
 
 
@@ -143,7 +172,11 @@ def test_bad_options_and_missing_runs(tmp_path, trained):
     result = runner.invoke(app, ["evaluate", "--run-dir", str(run_dir), "--samples", "0"])
     assert result.exit_code == 2 and "--samples" in result.output
     result = runner.invoke(app, ["evaluate", "--variant", "cvae", "--runs-dir", str(tmp_path)])
-    assert result.exit_code == 1 and "pyro-cvae train" in result.output and "Traceback" not in result.output
+    assert (
+        result.exit_code == 1
+        and "pyro-cvae train" in result.output
+        and "Traceback" not in result.output
+    )
 
 
 # ------------------------------------------------------------------ every trained run
@@ -165,38 +198,83 @@ def _table_rows(output: str) -> dict[str, list[str]]:
     return {line.split()[0]: line.split() for line in output.splitlines() if line[:1].isalpha()}
 
 
-def test_evaluate_without_a_run_evaluates_every_trained_run_and_reuses_current_results(two_runs, mnist_dir):
+def test_evaluate_without_a_run_evaluates_every_trained_run_and_reuses_current_results(
+    two_runs, mnist_dir
+):
     runner = CliRunner()
-    args = ["evaluate", "--runs-dir", str(two_runs), "--samples", "3", "--limit", "8", "--data-dir", str(mnist_dir),
-            "--device", "cpu", "--threads", "1"]
+    args = [
+        "evaluate",
+        "--runs-dir",
+        str(two_runs),
+        "--samples",
+        "3",
+        "--limit",
+        "8",
+        "--data-dir",
+        str(mnist_dir),
+        "--device",
+        "cpu",
+        "--threads",
+        "1",
+    ]
     first = runner.invoke(app, args)
     assert first.exit_code == 0, first.output
     rows = _table_rows(first.output)
     assert "cvae" not in rows, "a run without a trained epoch is not evaluated"
     # registry order: baseline first; run, epochs, images, S, NCLL ± SE, reference, difference, ...
-    assert [name for name in rows if name in ("baseline", "no-baseline")] == ["baseline", "no-baseline"]
+    assert [name for name in rows if name in ("baseline", "no-baseline")] == [
+        "baseline",
+        "no-baseline",
+    ]
     assert rows["baseline"][1:4] == ["1", "8", "1"] and rows["no-baseline"][1:4] == ["1", "8", "3"]
     assert rows["no-baseline"][7] == "71.36", "on test images: the reference's own test figure"
     assert rows["baseline"][7] == "-", "the reference measured no baseline on test images"
     saved = json.loads((two_runs / "no-baseline" / "eval-test-S3-n8-seed0.json").read_text())
-    assert saved["ncll"] == pytest.approx(float(rows["no-baseline"][4]), abs=0.01) and saved["images"] == 8
+    assert (
+        saved["ncll"] == pytest.approx(float(rows["no-baseline"][4]), abs=0.01)
+        and saved["images"] == 8
+    )
     stamp = (two_runs / "no-baseline" / "eval-test-S3-n8-seed0.json").stat().st_mtime_ns
 
     again = runner.invoke(app, args)
     assert again.exit_code == 0 and again.output.count("(saved)") == 2, again.output
     assert (two_runs / "no-baseline" / "eval-test-S3-n8-seed0.json").stat().st_mtime_ns == stamp
-    other = runner.invoke(app, [*args[:-4], "--limit", "6", *args[-4:]])  # other options: evaluated again
-    assert other.exit_code == 0 and "(saved)" not in other.output and _table_rows(other.output)["baseline"][2] == "6"
+    other = runner.invoke(
+        app, [*args[:-4], "--limit", "6", *args[-4:]]
+    )  # other options: evaluated again
+    assert (
+        other.exit_code == 0
+        and "(saved)" not in other.output
+        and _table_rows(other.output)["baseline"][2] == "6"
+    )
     forced = runner.invoke(app, [*args, "--force", "--limit", "6"])
     assert forced.exit_code == 0 and "(saved)" not in forced.output
 
 
 def test_evaluate_with_a_named_run_evaluates_that_run_only(two_runs, mnist_dir):
-    result = CliRunner().invoke(app, ["evaluate", "--variant", "no-baseline", "--runs-dir", str(two_runs),
-                                      "--samples", "2", "--limit", "4", "--data-dir", str(mnist_dir), "--threads", "1"])
+    result = CliRunner().invoke(
+        app,
+        [
+            "evaluate",
+            "--variant",
+            "no-baseline",
+            "--runs-dir",
+            str(two_runs),
+            "--samples",
+            "2",
+            "--limit",
+            "4",
+            "--data-dir",
+            str(mnist_dir),
+            "--threads",
+            "1",
+        ],
+    )
     assert result.exit_code == 0, result.output
     rows = _table_rows(result.output)
-    assert "no-baseline" in rows and "baseline" not in rows and rows["no-baseline"][2:4] == ["4", "2"]
+    assert (
+        "no-baseline" in rows and "baseline" not in rows and rows["no-baseline"][2:4] == ["4", "2"]
+    )
     assert str(two_runs / "no-baseline" / "eval-test-S2-n4-seed0.json") in result.output
 
 
@@ -207,4 +285,6 @@ def test_no_trained_run_says_in_one_line_how_to_train_one(tmp_path, command):
         result = CliRunner().invoke(app, [command, "--runs-dir", str(runs_dir)])
         assert result.exit_code == 1
         assert result.output.count("\n") == 1 and "Traceback" not in result.output
-        assert result.output.startswith(f"error: no trained run in {runs_dir}; train one with: pyro-cvae train")
+        assert result.output.startswith(
+            f"error: no trained run in {runs_dir}; train one with: pyro-cvae train"
+        )

@@ -30,7 +30,9 @@ def test_traces_have_the_paper_sites(name):
     cvae = CVAE(get_variant(name))
     b = batch()
     guide_trace = poutine.trace(cvae.guide).get_trace(b.x, b.y, b.hidden)
-    model_trace = poutine.trace(poutine.replay(cvae.model, trace=guide_trace)).get_trace(b.x, b.y, b.hidden)
+    model_trace = poutine.trace(poutine.replay(cvae.model, trace=guide_trace)).get_trace(
+        b.x, b.y, b.hidden
+    )
     y = model_trace.nodes["y"]
     assert y["is_observed"] and y["fn"].batch_shape == (B,) and y["fn"].event_shape == (588,)
     assert torch.equal(y["value"], b.y[b.hidden].view(B, 588))
@@ -50,14 +52,31 @@ def test_traces_have_the_paper_sites(name):
 
 
 def test_registry_is_the_ten_variants_of_the_design_and_the_importance_weighted_rows():
-    assert list(VARIANTS) == ["baseline", "cvae", "no-baseline", "cond-decoder", "cond-decoder-no-baseline",
-                              "unconditioned-prior", "joint-pretrained", "joint-scratch", "gsnn", "hybrid",
-                              "joint-scratch-iwae", "cvae-iwae"]
+    assert list(VARIANTS) == [
+        "baseline",
+        "cvae",
+        "no-baseline",
+        "cond-decoder",
+        "cond-decoder-no-baseline",
+        "unconditioned-prior",
+        "joint-pretrained",
+        "joint-scratch",
+        "gsnn",
+        "hybrid",
+        "joint-scratch-iwae",
+        "cvae-iwae",
+    ]
     for name, like in [("joint-scratch-iwae", "joint-scratch"), ("cvae-iwae", "cvae")]:
         new, old = VARIANTS[name], VARIANTS[like]
         assert (new.baseline, new.pretrained, new.prior, new.conditioned_decoder) == (
-            old.baseline, old.pretrained, old.prior, old.conditioned_decoder)  # the same model
-        assert TrainConfig(variant=name).elbo == "iwae" and TrainConfig(variant=name).particles == 10
+            old.baseline,
+            old.pretrained,
+            old.prior,
+            old.conditioned_decoder,
+        )  # the same model
+        assert (
+            TrainConfig(variant=name).elbo == "iwae" and TrainConfig(variant=name).particles == 10
+        )
         assert TrainConfig(variant=name, elbo="meanfield").particles == 1
     assert TrainConfig(variant="joint-scratch", elbo="iwae").particles == 5
     with pytest.raises(ValueError, match="choose one of"):
@@ -71,7 +90,9 @@ def test_only_hidden_pixels_enter_the_likelihood():
     guide_trace = poutine.trace(cvae.guide).get_trace(b.x, b.y, b.hidden)
 
     def log_lik(y):
-        tr = poutine.trace(poutine.replay(cvae.model, trace=guide_trace)).get_trace(b.x, y, b.hidden)
+        tr = poutine.trace(poutine.replay(cvae.model, trace=guide_trace)).get_trace(
+            b.x, y, b.hidden
+        )
         return tr.nodes["y"]["fn"].log_prob(tr.nodes["y"]["value"])
 
     before = log_lik(b.y)
@@ -108,7 +129,9 @@ def hand_traced_elbo(cvae, b):
     """The objective as the first landing computed it by hand: the guide's trace replayed in the
     model, -log p(y|x,z) plus the analytic KL, per image."""
     guide_trace = poutine.trace(cvae.guide).get_trace(b.x, b.y, b.hidden)
-    model_trace = poutine.trace(poutine.replay(cvae.model, trace=guide_trace)).get_trace(b.x, b.y, b.hidden)
+    model_trace = poutine.trace(poutine.replay(cvae.model, trace=guide_trace)).get_trace(
+        b.x, b.y, b.hidden
+    )
     y = model_trace.nodes["y"]
     recon = -y["fn"].log_prob(y["value"]).sum()
     kl = kl_divergence(guide_trace.nodes["z"]["fn"], model_trace.nodes["z"]["fn"]).sum()
@@ -141,8 +164,12 @@ def test_meanfield_elbo_gives_the_loss_and_gradients_of_the_hand_written_objecti
     loss.backward()
     reference = gradients(cvae)
     assert terms["loss"] == pytest.approx(loss.item(), rel=1e-6)
-    assert terms["recon"] == pytest.approx(recon.item(), rel=1e-6) and terms["kl"] == pytest.approx(kl.item(), rel=1e-4)
-    assert ours.keys() == reference.keys() and len(ours) == 24  # baseline, prior, recognition, generation nets
+    assert terms["recon"] == pytest.approx(recon.item(), rel=1e-6) and terms["kl"] == pytest.approx(
+        kl.item(), rel=1e-4
+    )
+    assert (
+        ours.keys() == reference.keys() and len(ours) == 24
+    )  # baseline, prior, recognition, generation nets
     for name in ours:
         assert close(ours[name], reference[name]), name
 
@@ -153,7 +180,9 @@ def test_iwae_with_one_particle_is_trace_elbo_on_the_same_draws():
     iwae, iwae_grads = backward(cvae, b, "iwae", 1, seed=7)
     trace, trace_grads = backward(cvae, b, "trace", 1, seed=7)
     assert iwae["loss"] == pytest.approx(trace["loss"], rel=1e-6)
-    assert iwae["loss"] == pytest.approx(iwae["recon"] + iwae["kl"], rel=1e-6)  # one draw: the ELBO itself
+    assert iwae["loss"] == pytest.approx(
+        iwae["recon"] + iwae["kl"], rel=1e-6
+    )  # one draw: the ELBO itself
     for name in trace_grads:
         assert close(iwae_grads[name], trace_grads[name]), name
 
@@ -177,7 +206,9 @@ def test_importance_weighted_bound_is_per_image_and_tighter_with_more_particles(
         gt = poutine.trace(cvae.guide).get_trace(b.x, b.y, b.hidden)
         mt = poutine.trace(poutine.replay(cvae.model, trace=gt)).get_trace(b.x, b.y, b.hidden)
     gt.compute_log_prob(), mt.compute_log_prob()
-    log_w = mt.nodes["y"]["log_prob"] + mt.nodes["z"]["log_prob"] - gt.nodes["z"]["log_prob"]  # (5, B)
+    log_w = (
+        mt.nodes["y"]["log_prob"] + mt.nodes["z"]["log_prob"] - gt.nodes["z"]["log_prob"]
+    )  # (5, B)
     per_image = -(log_w.logsumexp(0) - math.log(5)).sum().item()
     assert whole == pytest.approx(per_image, rel=1e-5)
 
@@ -197,16 +228,32 @@ def test_dreg_gradient_is_the_doubly_reparameterised_estimator(gradient):
         mt = poutine.trace(poutine.replay(cvae.model, trace=gt)).get_trace(b.x, b.y, b.hidden)
     z, q = gt.nodes["z"]["value"], gt.nodes["z"]["fn"].base_dist
     stopped = pyro.distributions.Normal(q.loc.detach(), q.scale.detach()).to_event(1)
-    log_w = mt.nodes["y"]["fn"].log_prob(mt.nodes["y"]["value"]) + mt.nodes["z"]["fn"].log_prob(z) - stopped.log_prob(z)
+    log_w = (
+        mt.nodes["y"]["fn"].log_prob(mt.nodes["y"]["value"])
+        + mt.nodes["z"]["fn"].log_prob(z)
+        - stopped.log_prob(z)
+    )
     w = torch.softmax(log_w.detach(), 0)
     named = dict(cvae.named_parameters())
     guide_names = [n for n in named if n.startswith("recognition_net")]
     model_names = [n for n in named if n not in guide_names]
-    expected = dict(zip(model_names, torch.autograd.grad(-(w * log_w).sum() / B, [named[n] for n in model_names],
-                                                          retain_graph=True)))
+    expected = dict(
+        zip(
+            model_names,
+            torch.autograd.grad(
+                -(w * log_w).sum() / B, [named[n] for n in model_names], retain_graph=True
+            ),
+        )
+    )
     guide_weights = w**2 if gradient == GuideGradient.dreg else w - w**2
-    expected.update(zip(guide_names, torch.autograd.grad(-(guide_weights * log_w).sum() / B,
-                                                         [named[n] for n in guide_names])))
+    expected.update(
+        zip(
+            guide_names,
+            torch.autograd.grad(
+                -(guide_weights * log_w).sum() / B, [named[n] for n in guide_names]
+            ),
+        )
+    )
     for name, grad in expected.items():
         assert close(ours[name], grad, 1e-3), name
 
@@ -223,7 +270,11 @@ def test_sticking_the_landing_drops_the_score_of_the_guide():
     mt = poutine.trace(poutine.replay(cvae.model, trace=gt)).get_trace(b.x, b.y, b.hidden)
     z, q = gt.nodes["z"]["value"], gt.nodes["z"]["fn"].base_dist
     stopped = pyro.distributions.Normal(q.loc.detach(), q.scale.detach()).to_event(1)
-    log_w = mt.nodes["y"]["fn"].log_prob(mt.nodes["y"]["value"]) + mt.nodes["z"]["fn"].log_prob(z) - stopped.log_prob(z)
+    log_w = (
+        mt.nodes["y"]["fn"].log_prob(mt.nodes["y"]["value"])
+        + mt.nodes["z"]["fn"].log_prob(z)
+        - stopped.log_prob(z)
+    )
     params = list(cvae.recognition_net.parameters())
     expected = torch.autograd.grad(-log_w.sum() / B, params)
     names = [f"recognition_net.{n}" for n, _ in cvae.recognition_net.named_parameters()]
@@ -239,7 +290,9 @@ def test_gsnn_objective_is_the_likelihood_under_the_prior():
     terms, _ = backward(cvae, b, seed=4)
     pyro.set_rng_seed(4)
     # with the prior as guide, log p(z|x) - log q(z) cancels: the ELBO is E_prior[log p(y|x,z)]
-    reference = Trace_ELBO().differentiable_loss(cvae.model, cvae.prior_guide, b.x, b.y, b.hidden) / B
+    reference = (
+        Trace_ELBO().differentiable_loss(cvae.model, cvae.prior_guide, b.x, b.y, b.hidden) / B
+    )
     assert terms["loss"] == pytest.approx(reference.item(), rel=1e-5)
     assert terms["kl"] == 0
 
@@ -249,8 +302,12 @@ def test_hybrid_weights_the_two_objectives():
     b = batch()
     half, half_grads = backward(cvae, b, seed=5, hybrid_weight=0.5)
     pyro.set_rng_seed(5)
-    cvae_term = TraceMeanField_ELBO().differentiable_loss(cvae.model, cvae.guide, b.x, b.y, b.hidden) / B
-    gsnn_term = Trace_ELBO().differentiable_loss(cvae.model, cvae.prior_guide, b.x, b.y, b.hidden) / B
+    cvae_term = (
+        TraceMeanField_ELBO().differentiable_loss(cvae.model, cvae.guide, b.x, b.y, b.hidden) / B
+    )
+    gsnn_term = (
+        Trace_ELBO().differentiable_loss(cvae.model, cvae.prior_guide, b.x, b.y, b.hidden) / B
+    )
     assert half["loss"] == pytest.approx((0.5 * cvae_term + 0.5 * gsnn_term).item(), rel=1e-5)
     full, _ = backward(cvae, b, seed=5, hybrid_weight=1.0)
     pyro.set_rng_seed(5)
@@ -291,7 +348,9 @@ def test_frozen_baseline_stays_fixed_and_joint_one_learns_through_the_prior():
     assert not any(torch.equal(a, p) for a, p in zip(before, joint.baseline_net.parameters()))
     # no loss of its own: the baseline's gradient is exactly what flows through the prior net
     backward(joint, b)
-    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in joint.baseline_net.parameters())
+    assert any(
+        p.grad is not None and p.grad.abs().sum() > 0 for p in joint.baseline_net.parameters()
+    )
     with torch.no_grad():
         joint.prior_net.net[0].weight.zero_()  # cut the only path from the baseline to the loss
     backward(joint, b)
@@ -301,7 +360,9 @@ def test_frozen_baseline_stays_fixed_and_joint_one_learns_through_the_prior():
 def test_a_few_steps_reduce_the_loss_on_a_fixed_batch():
     torch.manual_seed(0)
     pyro.set_rng_seed(0)
-    losses = _step(CVAE(get_variant("joint-scratch")), batch(), 30)  # the real step: fused Adam, clipping
+    losses = _step(
+        CVAE(get_variant("joint-scratch")), batch(), 30
+    )  # the real step: fused Adam, clipping
     assert sum(losses[-5:]) / 5 < 0.8 * sum(losses[:5]) / 5
 
 
@@ -329,5 +390,3 @@ def test_dreg_leaves_nothing_alive_after_the_step():
         backward(cvae, batch(), "iwae", 4, seed=seed, guide_gradient=GuideGradient.dreg)
     gc.collect()
     assert not [o for o in gc.get_objects() if type(o) is GuidePathGradient]
-
-

@@ -12,13 +12,12 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from pyro_cvae import data
+from pyro_cvae import data, runs
 from pyro_cvae.atomic import atomic_write_text
 from pyro_cvae.cli import app
 from pyro_cvae.config import TrainConfig
 from pyro_cvae.evaluate import evaluate_run
 from pyro_cvae.plots import plot_runs
-from pyro_cvae import runs
 from pyro_cvae.runs import CHECKPOINT, CONFIG, LOCK, LOCK_MARK, METRICS, Run, RunError, load_run
 from pyro_cvae.train import Status, train
 
@@ -62,22 +61,48 @@ def finished(tmp_path):
 @pytest.mark.parametrize("options", [["--force"], ["--epochs", "2"]])
 def test_force_or_more_epochs_with_a_wrong_data_dir_keeps_the_run(finished, tmp_path, options):
     before = _snapshot(finished)
-    args = ["train", "--variant", "no-baseline", "--runs-dir", str(finished.parent), "--limit", "64",
-            "--batch-size", "16", "--epochs", "1", "--data-dir", str(tmp_path / "typo"), "--no-progress", *options]
+    args = [
+        "train",
+        "--variant",
+        "no-baseline",
+        "--runs-dir",
+        str(finished.parent),
+        "--limit",
+        "64",
+        "--batch-size",
+        "16",
+        "--epochs",
+        "1",
+        "--data-dir",
+        str(tmp_path / "typo"),
+        "--no-progress",
+        *options,
+    ]
     _one_line_error(CliRunner().invoke(app, args), 1, "MNIST not found")
     assert _snapshot(finished) == before, "the trained run is untouched"
 
 
-def test_force_replaces_the_old_run_only_when_its_first_checkpoint_is_written(finished, monkeypatch):
+def test_force_replaces_the_old_run_only_when_its_first_checkpoint_is_written(
+    finished, monkeypatch
+):
     old = torch.load(finished / CHECKPOINT, weights_only=False)
     config = TrainConfig(variant="no-baseline", epochs=1, batch_size=16, limit=64, seed=3)
-    result = train(config, run_dir=finished, images=fake_images(64), progress=False, log=lambda m: None, force=True)
+    result = train(
+        config,
+        run_dir=finished,
+        images=fake_images(64),
+        progress=False,
+        log=lambda m: None,
+        force=True,
+    )
     assert result.status is Status.finished
     new = torch.load(finished / CHECKPOINT, weights_only=False)
     assert new["config"]["seed"] == 3 and new["run_id"] != old["run_id"]
     assert json.loads((finished / CONFIG).read_text())["seed"] == 3
     assert len((finished / METRICS).read_text().splitlines()) == 1
-    assert not list(finished.glob("eval-*")) and not list(finished.glob("samples-*")), "results of the old weights"
+    assert not list(finished.glob("eval-*")) and not list(finished.glob("samples-*")), (
+        "results of the old weights"
+    )
 
 
 @pytest.mark.parametrize("flocked", [False, True])
@@ -90,7 +115,9 @@ def test_a_second_trainer_is_refused_naming_the_holder(finished, flocked):
             fcntl = pytest.importorskip("fcntl")
             fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
         before = _snapshot(finished)
-        with pytest.raises(RunError, match=rf"being trained by process {os.getppid()}; wait for it"):
+        with pytest.raises(
+            RunError, match=rf"being trained by process {os.getppid()}; wait for it"
+        ):
             train_tiny(finished, "no-baseline", epochs=2)
         assert _snapshot(finished) == before
 
@@ -99,7 +126,9 @@ def test_a_flock_lock_whose_flock_is_free_is_stale_even_if_its_pid_lives_again(f
     """A pid can be reused by an unrelated process after a crash; the flock cannot outlive its
     process, so for a lock marked as flocked, the flock, not the pid, says whether the run is held."""
     pytest.importorskip("fcntl")
-    (finished / LOCK).write_text(f"{os.getppid()}{LOCK_MARK}\n")  # a live pid, but nobody holds the flock
+    (finished / LOCK).write_text(
+        f"{os.getppid()}{LOCK_MARK}\n"
+    )  # a live pid, but nobody holds the flock
     assert train_tiny(finished, "no-baseline", epochs=2).status is Status.finished
     assert not (finished / LOCK).exists()
 
@@ -140,9 +169,27 @@ def test_a_stale_lock_of_a_dead_process_is_taken_over(finished):
 
 
 def test_two_trainers_at_once_one_trains_the_other_is_refused(tmp_path, mnist_dir):
-    args = [sys.executable, "-m", "pyro_cvae", "train", "--variant", "baseline", "--limit", "3200", "--epochs", "3",
-            "--batch-size", "8", "--threads", "1", "--no-progress", "--data-dir", str(mnist_dir),
-            "--runs-dir", str(tmp_path)]
+    args = [
+        sys.executable,
+        "-m",
+        "pyro_cvae",
+        "train",
+        "--variant",
+        "baseline",
+        "--limit",
+        "3200",
+        "--epochs",
+        "3",
+        "--batch-size",
+        "8",
+        "--threads",
+        "1",
+        "--no-progress",
+        "--data-dir",
+        str(mnist_dir),
+        "--runs-dir",
+        str(tmp_path),
+    ]
     first = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     deadline = time.time() + 60
     while not (tmp_path / "baseline" / LOCK).exists() and time.time() < deadline:
@@ -157,7 +204,11 @@ def test_two_trainers_at_once_one_trains_the_other_is_refused(tmp_path, mnist_di
 def test_the_checkpoint_is_the_truth_not_an_edited_config_json(tmp_path):
     run_dir = tmp_path / "runs" / "joint-scratch"
     train_tiny(run_dir)
-    edited = {**json.loads((run_dir / CONFIG).read_text()), "variant": "hybrid", "hybrid_weight": 0.5}
+    edited = {
+        **json.loads((run_dir / CONFIG).read_text()),
+        "variant": "hybrid",
+        "hybrid_weight": 0.5,
+    }
     (run_dir / CONFIG).write_text(json.dumps(edited))
     messages = []
     r = evaluate_run(run_dir, samples=2, images=fake_images(8), device="cpu", log=messages.append)
@@ -165,34 +216,51 @@ def test_the_checkpoint_is_the_truth_not_an_edited_config_json(tmp_path):
     assert any("does not match the checkpoint" in m for m in messages)
     (run_dir / CONFIG).write_text('{"epochs": "abc"}')  # hand-edited beyond repair
     assert train_tiny(run_dir).status is Status.already_finished
-    assert json.loads((run_dir / CONFIG).read_text())["variant"] == "joint-scratch", "train repairs the copy"
+    assert json.loads((run_dir / CONFIG).read_text())["variant"] == "joint-scratch", (
+        "train repairs the copy"
+    )
 
 
 def test_an_evaluation_of_part_of_a_split_or_another_seed_keeps_the_full_one(finished):
     full = json.loads((finished / "eval-test-S2.json").read_text())
-    evaluate_run(finished, samples=2, limit=4, seed=7, images=fake_images(8), device="cpu", log=lambda m: None)
+    evaluate_run(
+        finished,
+        samples=2,
+        limit=4,
+        seed=7,
+        images=fake_images(8),
+        device="cpu",
+        log=lambda m: None,
+    )
     assert json.loads((finished / "eval-test-S2.json").read_text()) == full
     part = json.loads((finished / "eval-test-S2-n4-seed7.json").read_text())
     assert part["images"] == 4 and part["seed"] == 7
     run = Run(finished)
     assert run.best_evaluation("test") == full and run.current_evaluation("test", 2, 4, 7) == part
     # more samples on fewer images is a different protocol: the plot keeps the whole split
-    evaluate_run(finished, samples=5, limit=4, images=fake_images(8), device="cpu", log=lambda m: None)
+    evaluate_run(
+        finished, samples=5, limit=4, images=fake_images(8), device="cpu", log=lambda m: None
+    )
     assert run.best_evaluation("test") == full
 
 
 def test_results_of_other_weights_do_not_count(finished):
     stale = json.loads((finished / "eval-test-S2.json").read_text())
     train_tiny(finished, "no-baseline", epochs=2)
-    (finished / "eval-test-S2.json").write_text(json.dumps(stale))  # e.g. a kill before it was removed
+    (finished / "eval-test-S2.json").write_text(
+        json.dumps(stale)
+    )  # e.g. a kill before it was removed
     assert Run(finished).best_evaluation("test") is None
 
 
 def test_a_pretrained_baseline_on_other_data_is_refused(tmp_path):
     runs = tmp_path / "runs"
     train_tiny(runs / "baseline", "baseline", n=32)  # a smoke run: --limit 32
-    with pytest.raises(RunError, match=r"baseline in .* trained on other data \(limit 32\) than this run asks "
-                                       r"\(limit 64\).*--force"):
+    with pytest.raises(
+        RunError,
+        match=r"baseline in .* trained on other data \(limit 32\) than this run asks "
+        r"\(limit 64\).*--force",
+    ):
         train_tiny(runs / "cvae", "cvae", n=64)
     assert not (runs / "cvae").exists()
 
@@ -234,7 +302,10 @@ def test_a_kill_between_checkpoint_and_metrics_loses_no_metrics_line(tmp_path, m
     assert len((run_dir / METRICS).read_text().splitlines()) == 1, "the kill came before the line"
     assert [r["epoch"] for r in Run(run_dir).read_metrics()] == [1, 2]
     assert train_tiny(run_dir, "no-baseline", epochs=2).status is Status.already_finished
-    assert [json.loads(line)["epoch"] for line in (run_dir / METRICS).read_text().splitlines()] == [1, 2]
+    assert [json.loads(line)["epoch"] for line in (run_dir / METRICS).read_text().splitlines()] == [
+        1,
+        2,
+    ]
 
 
 # ------------------------------------------------------------------ one line, not a traceback
@@ -242,20 +313,33 @@ def test_a_kill_between_checkpoint_and_metrics_loses_no_metrics_line(tmp_path, m
 
 def test_a_full_disk_while_saving_a_checkpoint_is_one_line(tmp_path, monkeypatch):
     def full(*args, **kwargs):
-        raise RuntimeError("[enforce fail at inline_container.cc:783] . PytorchStreamWriter failed writing file")
+        raise RuntimeError(
+            "[enforce fail at inline_container.cc:783] . PytorchStreamWriter failed writing file"
+        )
 
     monkeypatch.setattr(torch, "save", full)
     run_dir = tmp_path / "runs" / "no-baseline"
-    with pytest.raises(RunError, match=r"cannot save .*checkpoint.pt .*no checkpoint was written.*Free disk space"):
+    with pytest.raises(
+        RunError, match=r"cannot save .*checkpoint.pt .*no checkpoint was written.*Free disk space"
+    ):
         train_tiny(run_dir, "no-baseline")
-    assert not run_dir.exists() and not run_dir.parent.exists(), "a failed train leaves no empty run directory"
+    assert not run_dir.exists() and not run_dir.parent.exists(), (
+        "a failed train leaves no empty run directory"
+    )
 
 
-@pytest.mark.parametrize("content,problem", [({"model": {}}, "no optimizer, epoch"), ([1, 2], "a list, not a dict")])
+@pytest.mark.parametrize(
+    "content,problem", [({"model": {}}, "no optimizer, epoch"), ([1, 2], "a list, not a dict")]
+)
 def test_a_malformed_checkpoint_is_named(finished, content, problem):
     torch.save(content, finished / CHECKPOINT)
-    for attempt in (lambda: train_tiny(finished, "no-baseline", epochs=2), lambda: load_run(finished)):
-        with pytest.raises(RunError, match=rf"not a checkpoint of this program \({problem}.*--force"):
+    for attempt in (
+        lambda: train_tiny(finished, "no-baseline", epochs=2),
+        lambda: load_run(finished),
+    ):
+        with pytest.raises(
+            RunError, match=rf"not a checkpoint of this program \({problem}.*--force"
+        ):
             attempt()
 
 
@@ -263,13 +347,19 @@ def test_a_saved_config_of_the_wrong_type_is_named():
     with pytest.raises(ValueError, match="epochs is 'abc', not an integer"):
         TrainConfig.from_dict({"variant": "cvae", "epochs": "abc"})
     # runs saved before options that do not apply were refused stored their defaults
-    legacy = TrainConfig.from_dict({"variant": "joint-scratch", "mask": "random", "inputs": 1, "hybrid_weight": 0.5})
+    legacy = TrainConfig.from_dict(
+        {"variant": "joint-scratch", "mask": "random", "inputs": 1, "hybrid_weight": 0.5}
+    )
     assert legacy.inputs is None and legacy.hybrid_weight is None
 
 
 def test_ctrl_c_while_the_command_starts_is_one_line(tmp_path):
-    proc = subprocess.Popen([sys.executable, "-m", "pyro_cvae", "train", "--runs-dir", str(tmp_path / "runs")],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "pyro_cvae", "train", "--runs-dir", str(tmp_path / "runs")],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     # interrupt once torch's library is loading: the heavy imports are under way, the run is not started
     maps = Path(f"/proc/{proc.pid}/maps")
     deadline = time.monotonic() + 60
@@ -291,7 +381,9 @@ def test_ctrl_c_while_the_command_starts_is_one_line(tmp_path):
 
 def test_a_diverging_lr_gives_the_divergence_message(tmp_path, recwarn):
     run_dir = tmp_path / "runs" / "no-baseline"
-    with pytest.raises(RunError, match=r"loss became nan .*no checkpoint had been written.*smaller --lr") as e:
+    with pytest.raises(
+        RunError, match=r"loss became nan .*no checkpoint had been written.*smaller --lr"
+    ) as e:
         train_tiny(run_dir, "no-baseline", lr=1e30)
     assert not [w for w in recwarn if "NaN" in str(w.message)], "no warning before the message"
     assert "tensor" not in str(e.value) and not run_dir.exists()
@@ -322,13 +414,18 @@ def test_a_data_dir_that_is_a_file_says_so(tmp_path):
         (["--seed", "-1"], "--seed"),
         (["--seed", "18446744073709551616"], "--seed"),
         (["--inputs", "2"], "--inputs 2 applies to --mask fixed only"),
-        (["--variant", "cvae", "--hybrid-weight", "0.3"], "--hybrid-weight applies to --variant hybrid only"),
+        (
+            ["--variant", "cvae", "--hybrid-weight", "0.3"],
+            "--hybrid-weight applies to --variant hybrid only",
+        ),
         (["--variant", "hybrid", "--hybrid-weight", "1.5"], "--hybrid-weight must lie in [0, 1]"),
         (["--lr", "nan"], "--lr"),
     ],
 )
 def test_train_refuses_options_it_would_ignore_or_could_not_use(args, phrase, tmp_path):
-    _one_line_error(CliRunner().invoke(app, ["train", "--runs-dir", str(tmp_path), *args]), 2, phrase)
+    _one_line_error(
+        CliRunner().invoke(app, ["train", "--runs-dir", str(tmp_path), *args]), 2, phrase
+    )
     assert not list(tmp_path.iterdir()), "nothing written for a refused command"
 
 
@@ -351,5 +448,8 @@ def test_evaluate_prints_the_ncll_it_cannot_save(finished, monkeypatch):
         raise OSError(28, "No space left on device")
 
     monkeypatch.setattr(Run, "write_evaluation", full)
-    with pytest.raises(RunError, match=r"NCLL \d+\.\d+ ± \d+\.\d+ \(8 test images, S=2\) could not be saved .*No space"):
+    with pytest.raises(
+        RunError,
+        match=r"NCLL \d+\.\d+ ± \d+\.\d+ \(8 test images, S=2\) could not be saved .*No space",
+    ):
         evaluate_run(finished, samples=2, images=fake_images(8), device="cpu", log=lambda m: None)
