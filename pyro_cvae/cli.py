@@ -14,7 +14,7 @@ from rich.markup import escape
 from . import data as data_lib
 from .config import EvalConfig, Mask, SampleConfig, Split, TrainConfig
 from .console import Column, Progress, console, errors, print_table
-from .estimators import GuideGradient
+from .objectives import GuideGradient
 from .model import VARIANTS, Elbo
 
 app = typer.Typer(

@@ -11,7 +11,7 @@ from typing import Any
 
 import torch
 
-from .estimators import GuideGradient
+from .objectives import GuideGradient
 from .model import VARIANTS, Elbo, Objective, get_variant, guide_gradient_problem
 
 SEED_LIMIT = 2**32  # numpy's seeds (set by pyro.set_rng_seed) are 32-bit

@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .estimators import GuideGradient
+from .objectives import GuideGradient
 from .nets import Z_DIM, BaselineNet, GaussianNet, GenerationNet
 
 

@@ -21,7 +21,7 @@ from pyro.poutine.messenger import Messenger
 from .config import TrainConfig, resolve_device
 from .console import Progress, StopOnInterrupt
 from .data import Batch, epoch_batches, load_split, steps_per_epoch
-from .estimators import GuideGradient, GuidePathGradient
+from .objectives import GuideGradient, GuidePathGradient
 from .model import CVAE, Elbo, Objective, get_variant, guide_gradient_problem
 from .runs import Run, RunError, baseline_run_dir, default_run_dir, new_run_id
 

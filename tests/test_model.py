@@ -9,7 +9,7 @@ from pyro.infer import Trace_ELBO, TraceMeanField_ELBO
 
 from pyro_cvae.config import TrainConfig
 from pyro_cvae.data import hidden_masks, make_batch
-from pyro_cvae.estimators import GuideGradient
+from pyro_cvae.objectives import GuideGradient
 from pyro_cvae.model import CVAE, VARIANTS, Elbo, get_variant, hidden_pixels
 from pyro_cvae.nets import GenerationNet
 from pyro_cvae.train import make_elbo, make_optimizer, objective_backward, train_step
@@ -383,7 +383,7 @@ def test_dreg_leaves_nothing_alive_after_the_step():
     Python's collector cannot see. Each step must drop it, or every step's graph stays in memory."""
     import gc
 
-    from pyro_cvae.estimators import GuidePathGradient
+    from pyro_cvae.objectives import GuidePathGradient
 
     cvae = CVAE(get_variant("joint-scratch"))
     for seed in range(3):
