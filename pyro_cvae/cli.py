@@ -14,8 +14,8 @@ from rich.markup import escape
 from . import data as data_lib
 from .config import EvalConfig, Mask, SampleConfig, Split, TrainConfig
 from .console import Column, Progress, console, errors, print_table
-from .objectives import GuideGradient
-from .model import VARIANTS, Elbo
+from .model import VARIANTS
+from .objectives import Elbo, GuideGradient
 
 app = typer.Typer(
     add_completion=False,

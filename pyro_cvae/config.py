@@ -11,8 +11,8 @@ from typing import Any
 
 import torch
 
-from .objectives import GuideGradient
-from .model import VARIANTS, Elbo, Objective, get_variant, guide_gradient_problem
+from .model import VARIANTS, get_variant
+from .objectives import Elbo, GuideGradient, Objective, guide_gradient_problem
 
 SEED_LIMIT = 2**32  # numpy's seeds (set by pyro.set_rng_seed) are 32-bit
 

@@ -22,8 +22,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .objectives import GuideGradient
 from .nets import Z_DIM, BaselineNet, GaussianNet, GenerationNet
+from .objectives import Elbo, GuideGradient, Objective
 
 
 class Baseline(str, enum.Enum):
@@ -39,27 +39,12 @@ class Prior(str, enum.Enum):
     standard = "standard"  # N(0, I)
 
 
-class Objective(str, enum.Enum):
-    baseline = "baseline"  # the deterministic net alone: BCE of the hidden pixels
-    cvae = "cvae"  # the ELBO with the recognition net
-    gsnn = "gsnn"  # log p(y|x,z) with z from the prior; no recognition net
-    hybrid = "hybrid"  # weighted sum of the CVAE and GSNN objectives
-
-
 class Proposal(str, enum.Enum):
     """The importance-sampling proposal; its value is what evaluation reports."""
 
     recognition = "recognition net q(z|x,y)"
     prior = "prior p(z|x) (no recognition net)"
     none = "none (deterministic: exact likelihood)"
-
-
-class Elbo(str, enum.Enum):
-    """The training objective, a Pyro ELBO object (``train.make_elbo``)."""
-
-    meanfield = "meanfield"  # TraceMeanField_ELBO: closed-form KL, the reference's objective
-    trace = "trace"  # Trace_ELBO: Monte Carlo KL, as in Pyro's CVAE example
-    iwae = "iwae"  # RenyiELBO(alpha=0): the importance-weighted bound of Burda et al. (2016)
 
 
 @dataclass(frozen=True)
@@ -188,25 +173,6 @@ VARIANTS: dict[str, Variant] = {
         ),
     ]
 }
-
-
-def guide_gradient_problem(
-    gradient: GuideGradient, elbo: Elbo, particles: int, objective: Objective
-) -> str | None:
-    """Why a guide gradient does not apply to an objective, or None: the one rule behind the
-    run's config check and ``train.objective_backward``."""
-    if gradient is GuideGradient.stl and elbo is Elbo.meanfield:
-        return "--guide-gradient stl needs a Monte Carlo KL: use it with --elbo trace or iwae"
-    if gradient in (GuideGradient.dreg, GuideGradient.rws) and elbo is not Elbo.iwae:
-        return f"--guide-gradient {gradient.value} is for the importance-weighted bound: use it with --elbo iwae"
-    if gradient is GuideGradient.rws and objective is not Objective.cvae:
-        return (
-            f"--guide-gradient rws trains a recognition net; the {objective.value} objective also uses the prior "
-            "as a proposal, where it would bend the model's gradient: use --guide-gradient dreg"
-        )
-    if gradient is GuideGradient.rws and particles < 2:
-        return "--guide-gradient rws weighs particles against each other: use it with --particles 2 or more"
-    return None
 
 
 def get_variant(name: str) -> Variant:

@@ -1,23 +1,11 @@
-"""Lower-variance gradient estimators for the guide that Pyro does not ship, as one poutine.
-
-Pyro's ELBOs differentiate a reparameterised guide's log q(z) through both the path of z and
-q's parameters. The second part has zero expectation and only adds noise: "sticking the
-landing" (STL; Roeder, Wu & Duvenaud 2017) drops it. With the importance-weighted bound, the
-guide's gradient also degrades as K grows (Rainforth et al. 2018); doubly reparameterised
-gradients (DReG; Tucker, Lawson, Gu & Maddison 2019) fix that, unbiasedly, by weighting each
-particle's path gradient by its normalised importance weight once more (w~_k^2 instead of w~_k).
-Both train the guide on the bound, which makes q mode-seeking: a tight bound for K draws, but a
-narrow proposal for the importance sampler that measures NCLL. Reweighted wake-sleep's wake-phase
-update (Bornschein & Bengio 2015; Le et al. 2019) instead trains q to minimise KL(p(z|x,y) || q),
-which covers the posterior's mass; its doubly reparameterised form (Tucker et al. 2019, sec. 4)
-weights each path gradient by w~_k - w~_k^2. Pyro's ``ReweightedWakeSleep`` has the score-function
-form only, with one weight for a whole mini-batch ("mini-batch training is not supported yet", its
-docstring says), so it cannot train this amortised guide per image. Pyro has no DReG estimator
-(pyro-ppl/pyro issue #2598, draft PR #2605 for an IWAE-DReG loss, unmerged), so
-``GuidePathGradient`` adds them around an unchanged Pyro ELBO call:
+"""The training objectives: which loss a variant optimises, the Pyro ELBO object that computes
+it, and the guide gradients Pyro does not ship (sticking the landing, DReG, the wake update of
+reweighted wake-sleep), added as one poutine around an unchanged Pyro ELBO call::
 
     with GuidePathGradient(weights=...):
         RenyiELBO(alpha=0, ...).loss_and_grads(model, guide, ...)
+
+The README ("Training objectives") says where each estimator comes from.
 """
 
 from __future__ import annotations
@@ -27,7 +15,23 @@ from typing import Callable
 
 import pyro.distributions as dist
 import torch
+from pyro.infer import ELBO, RenyiELBO, Trace_ELBO, TraceMeanField_ELBO
 from pyro.poutine.messenger import Messenger
+
+
+class Objective(str, enum.Enum):
+    baseline = "baseline"  # the deterministic net alone: BCE of the hidden pixels
+    cvae = "cvae"  # the ELBO with the recognition net
+    gsnn = "gsnn"  # log p(y|x,z) with z from the prior; no recognition net
+    hybrid = "hybrid"  # weighted sum of the CVAE and GSNN objectives
+
+
+class Elbo(str, enum.Enum):
+    """The training objective, a Pyro ELBO object (``make_elbo``)."""
+
+    meanfield = "meanfield"  # TraceMeanField_ELBO: closed-form KL, the reference's objective
+    trace = "trace"  # Trace_ELBO: Monte Carlo KL, as in Pyro's CVAE example
+    iwae = "iwae"  # RenyiELBO(alpha=0): the importance-weighted bound of Burda et al. (2016)
 
 
 class GuideGradient(str, enum.Enum):
@@ -36,7 +40,46 @@ class GuideGradient(str, enum.Enum):
     reparam = "reparam"  # Pyro's default: path and score of log q
     stl = "stl"  # sticking the landing: the path only (needs a Monte Carlo KL: trace or iwae)
     dreg = "dreg"  # doubly reparameterised (iwae only): the path, weighted by w~_k^2
-    rws = "rws"  # wake-phase update, doubly reparameterised (iwae, K > 1): the path, weighted by w~_k - w~_k^2
+    # wake-phase update, doubly reparameterised (iwae, K > 1): the path, weighted by w~_k - w~_k^2
+    rws = "rws"
+
+
+def guide_gradient_problem(
+    gradient: GuideGradient, elbo: Elbo, particles: int, objective: Objective
+) -> str | None:
+    """Why a guide gradient does not apply to an objective, or None: the one rule behind the
+    run's config check."""
+    if gradient is GuideGradient.stl and elbo is Elbo.meanfield:
+        return "--guide-gradient stl needs a Monte Carlo KL: use it with --elbo trace or iwae"
+    if gradient in (GuideGradient.dreg, GuideGradient.rws) and elbo is not Elbo.iwae:
+        return (
+            f"--guide-gradient {gradient.value} is for the importance-weighted bound: "
+            "use it with --elbo iwae"
+        )
+    if gradient is GuideGradient.rws and objective is not Objective.cvae:
+        return (
+            f"--guide-gradient rws trains a recognition net; the {objective.value} objective also "
+            "uses the prior as a proposal, where it would bend the model's gradient: "
+            "use --guide-gradient dreg"
+        )
+    if gradient is GuideGradient.rws and particles < 2:
+        return (
+            "--guide-gradient rws weighs particles against each other: "
+            "use it with --particles 2 or more"
+        )
+    return None
+
+
+def make_elbo(kind: Elbo, particles: int) -> ELBO:
+    """The Pyro ELBO object of a training objective, K particles vectorised over a plate at dim -2.
+
+    meanfield: ``TraceMeanField_ELBO`` (the closed-form KL: the reference's objective);
+    trace: ``Trace_ELBO`` (Monte Carlo KL); iwae: ``RenyiELBO(alpha=0)``, the importance-weighted
+    bound log (1/K) sum_k p(y, z_k|x) / q(z_k|x,y), per image (the data plate is kept)."""
+    options = dict(num_particles=particles, vectorize_particles=particles > 1, max_plate_nesting=1)
+    if kind == Elbo.iwae:
+        return RenyiELBO(alpha=0.0, **options)
+    return (TraceMeanField_ELBO if kind == Elbo.meanfield else Trace_ELBO)(**options)
 
 
 def stopped(fn: dist.Distribution) -> dist.Distribution:

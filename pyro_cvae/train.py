@@ -15,30 +15,25 @@ from typing import Callable
 
 import pyro
 import torch
-from pyro.infer import ELBO, RenyiELBO, Trace_ELBO, TraceMeanField_ELBO
+from pyro.infer import ELBO, RenyiELBO, TraceMeanField_ELBO
 from pyro.poutine.messenger import Messenger
 
 from .config import TrainConfig, resolve_device
 from .console import Progress, StopOnInterrupt
 from .data import Batch, epoch_batches, load_split, steps_per_epoch
-from .objectives import GuideGradient, GuidePathGradient
-from .model import CVAE, Elbo, Objective, get_variant, guide_gradient_problem
+from .model import CVAE, get_variant
+from .objectives import (
+    Elbo,
+    GuideGradient,
+    GuidePathGradient,
+    Objective,
+    guide_gradient_problem,
+    make_elbo,
+)
 from .runs import Run, RunError, baseline_run_dir, default_run_dir, new_run_id
 
 # ---------------------------------------------------------------------------------------------
 # The objective: Pyro's ELBO objects
-
-
-def make_elbo(kind: Elbo, particles: int) -> ELBO:
-    """The Pyro ELBO object of a training objective, K particles vectorised over a plate at dim -2.
-
-    meanfield: ``TraceMeanField_ELBO`` (the closed-form KL: the reference's objective);
-    trace: ``Trace_ELBO`` (Monte Carlo KL); iwae: ``RenyiELBO(alpha=0)``, the importance-weighted
-    bound log (1/K) sum_k p(y, z_k|x) / q(z_k|x,y), per image (the data plate is kept)."""
-    options = dict(num_particles=particles, vectorize_particles=particles > 1, max_plate_nesting=1)
-    if kind == Elbo.iwae:
-        return RenyiELBO(alpha=0.0, **options)
-    return (TraceMeanField_ELBO if kind == Elbo.meanfield else Trace_ELBO)(**options)
 
 
 def _terms(cvae: CVAE, hybrid_weight: float) -> list[tuple[float, Callable]]:

@@ -30,8 +30,9 @@ import torch.nn.functional as F
 
 from pyro_cvae.config import TrainConfig
 from pyro_cvae.data import epoch_batches, load_split
-from pyro_cvae.model import CVAE, Elbo, get_variant
-from pyro_cvae.train import make_elbo, make_optimizer, train_step
+from pyro_cvae.model import CVAE, get_variant
+from pyro_cvae.objectives import Elbo, make_elbo
+from pyro_cvae.train import make_optimizer, train_step
 
 
 def plain_loss(cvae: CVAE, x, y, hidden) -> torch.Tensor:

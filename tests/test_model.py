@@ -9,10 +9,10 @@ from pyro.infer import Trace_ELBO, TraceMeanField_ELBO
 
 from pyro_cvae.config import TrainConfig
 from pyro_cvae.data import hidden_masks, make_batch
-from pyro_cvae.objectives import GuideGradient
-from pyro_cvae.model import CVAE, VARIANTS, Elbo, get_variant, hidden_pixels
+from pyro_cvae.model import CVAE, VARIANTS, get_variant, hidden_pixels
 from pyro_cvae.nets import GenerationNet
-from pyro_cvae.train import make_elbo, make_optimizer, objective_backward, train_step
+from pyro_cvae.objectives import Elbo, GuideGradient, make_elbo
+from pyro_cvae.train import make_optimizer, objective_backward, train_step
 
 from .helpers import fake_images
 
