@@ -12,7 +12,13 @@ from typing import Any
 import torch
 
 from .model import VARIANTS, get_variant
-from .objectives import Elbo, GuideGradient, Objective, guide_gradient_problem
+from .objectives import (
+    Elbo,
+    GuideGradient,
+    Objective,
+    TrainingObjective,
+    guide_gradient_problem,
+)
 
 SEED_LIMIT = 2**32  # numpy's seeds (set by pyro.set_rng_seed) are 32-bit
 
@@ -171,6 +177,12 @@ class TrainConfig:
         if problem:
             raise OptionError(problem + ".")
         return self
+
+    def objective(self) -> TrainingObjective:
+        """The run's objective (its Pyro ELBO object and all), built from this checked config."""
+        return TrainingObjective.of(
+            Elbo(self.elbo), self.particles, GuideGradient(self.guide_gradient), self.hybrid_weight
+        )
 
     def differences(self, other: "TrainConfig") -> dict[str, tuple[Any, Any]]:
         """Fields where two configs describe different runs (the number of epochs may grow)."""

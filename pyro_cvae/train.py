@@ -1,174 +1,29 @@
-"""Training: the objective from Pyro traces, the optimisation step, and the loop that trains
-(or resumes) a run. What a run directory holds, and how it is read and written, is ``runs``'s.
+"""Training: the optimisation step and the loop that trains (or resumes) a run. The objective
+is ``objectives``'s; what a run directory holds, and how it is read and written, ``runs``'s.
 """
 
 from __future__ import annotations
 
-import contextlib
 import enum
 import math
 import time
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
 import pyro
 import torch
-from pyro.infer import ELBO, RenyiELBO, TraceMeanField_ELBO
-from pyro.poutine.messenger import Messenger
 
 from .config import TrainConfig, resolve_device
 from .console import Progress, StopOnInterrupt
 from .data import Batch, epoch_batches, load_split, steps_per_epoch
 from .model import CVAE, get_variant
-from .objectives import (
-    Elbo,
-    GuideGradient,
-    GuidePathGradient,
-    Objective,
-    guide_gradient_problem,
-    make_elbo,
-)
+from .objectives import TrainingObjective, objective_backward
 from .runs import Run, RunError, baseline_run_dir, default_run_dir, new_run_id
 
 # ---------------------------------------------------------------------------------------------
-# The objective: Pyro's ELBO objects
-
-
-def _terms(cvae: CVAE, hybrid_weight: float) -> list[tuple[float, Callable]]:
-    """The variant's objective as (weight, guide) pairs, each an ELBO of ``cvae.model``: the CVAE
-    (the recognition net as guide), the GSNN (the prior as guide: log p(z|x) - log q(z) cancels,
-    leaving E_prior[log p(y|x,z)]), their weighted sum (hybrid), or the baseline (no latent: the
-    guide samples nothing and the ELBO is log p(y|x), minus the BCE)."""
-    kind = cvae.variant.objective
-    if kind is Objective.gsnn:
-        return [(1.0, cvae.prior_guide)]
-    if kind is Objective.hybrid:
-        return [(hybrid_weight, cvae.guide), (1.0 - hybrid_weight, cvae.prior_guide)]
-    return [(1.0, cvae.guide)]  # cvae, and baseline (whose guide is empty)
-
-
-@torch.no_grad()
-def _log_terms(model: "Draws", guide: "Draws | None") -> tuple[torch.Tensor, torch.Tensor]:
-    """log p(y|x,z) and log p(z|x) - log q(z|x,y) of the draws an ELBO used, per particle and image
-    ``(K, B)`` (``(B,)`` with one particle), recomputed from the sites' distributions."""
-    y = model.sites["y"]
-    log_lik = y["fn"].log_prob(y["value"])
-    if (
-        guide is None or "z" not in guide.sites
-    ):  # not asked, no latent (baseline), no recognition net (GSNN)
-        return log_lik, torch.zeros_like(log_lik)
-    q, p = guide.sites["z"], model.sites["z"]
-    return log_lik, p["fn"].log_prob(q["value"]) - q["fn"].log_prob(q["value"])
-
-
-class Draws(Messenger):
-    """Keeps the sample sites (distribution and value) of the last run of the function it wraps
-    (``draws(fn)``): the draws an ELBO used. ``poutine.trace`` would do, but it also copies every parameter site
-    (24 per step here), which costs more than the step's recon and KL are worth."""
-
-    def __init__(self):
-        super().__init__()
-        self.sites: dict[str, dict] = {}
-
-    def _postprocess_message(self, msg) -> None:
-        if msg["type"] == "sample":
-            self.sites[msg["name"]] = msg
-
-
-def _normalized_weights(model, guide, kept: dict) -> Callable[[], torch.Tensor]:
-    """The particles' normalised importance weights ``(K, B)``, read from the ``Draws`` of ``model``
-    and ``guide`` when called: in the backward pass, after the draws. The log terms they come from
-    are left in ``kept["terms"]``, for the step's record."""
-
-    def weights() -> torch.Tensor:
-        kept["terms"] = log_lik, log_ratio = _log_terms(model, guide)
-        log_w = log_lik + log_ratio
-        return torch.softmax(log_w, 0) if log_w.dim() > 1 else torch.ones_like(log_w)
-
-    return weights
-
-
-def objective_backward(
-    cvae: CVAE,
-    batch: Batch,
-    elbo: ELBO,
-    hybrid_weight: float = 0.5,
-    guide_gradient: GuideGradient = GuideGradient.reparam,
-) -> dict[str, float]:
-    """Accumulate into ``.grad`` the gradient of the variant's loss, a mean over the batch's images,
-    through the Pyro ELBO object ``elbo``; returns its terms per image: ``loss``, ``recon``, ``kl``.
-
-    ``differentiable_loss`` gives the loss of ``Trace_ELBO``/``TraceMeanField_ELBO`` as a tensor;
-    ``RenyiELBO`` has none, and its ``loss_and_grads`` runs the backward pass itself, on the sum
-    over images, so its gradient is scaled afterwards. recon and KL come from the traces of the
-    first term's draws (for meanfield, KL is the closed form: loss - recon). ``guide_gradient``
-    stl, dreg or rws wraps the ELBO call in ``GuidePathGradient``."""
-    guide_gradient = GuideGradient(guide_gradient)
-    kind = (
-        Elbo.iwae
-        if isinstance(elbo, RenyiELBO)
-        else Elbo.meanfield
-        if isinstance(elbo, TraceMeanField_ELBO)
-        else Elbo.trace
-    )
-    problem = guide_gradient_problem(
-        guide_gradient, kind, elbo.num_particles, cvae.variant.objective
-    )
-    if problem:
-        raise ValueError(problem + ".")
-    args = (batch.x, batch.y, batch.hidden)
-    n = batch.x.shape[0]
-    params = cvae.trainable_parameters()
-    loss, recon, kl = 0.0, 0.0, 0.0
-    first = True
-    for weight, guide in _terms(cvae, hybrid_weight):
-        if weight == 0:
-            continue
-        model_draws, guide_draws = Draws(), Draws()  # keep the draws for recon and KL
-        model, guide = model_draws(cvae.model), guide_draws(guide)
-        path_gradient = contextlib.nullcontext()
-        kept = {}  # the log terms the weights were computed from, if they were
-        if guide_gradient != GuideGradient.reparam:
-            weights = None  # stl
-            if guide_gradient != GuideGradient.stl:
-                w = _normalized_weights(model_draws, guide_draws, kept)
-                # RenyiELBO's path gradient reaching z_k is w~_k dlog w_k/dz_k: times w~_k (DReG), or times
-                # 1 - w~_k (the wake-phase update, w~_k - w~_k^2)
-                weights = w if guide_gradient == GuideGradient.dreg else (lambda w=w: 1 - w())
-            path_gradient = GuidePathGradient(weights)
-        with path_gradient:
-            if isinstance(elbo, RenyiELBO):
-                earlier = [p.grad for p in params]
-                for p in params:
-                    p.grad = None
-                term = elbo.loss_and_grads(model, guide, *args)
-                torch._foreach_mul_([p.grad for p in params if p.grad is not None], weight / n)
-                for p, g in zip(params, earlier):
-                    if g is not None:
-                        p.grad = g if p.grad is None else p.grad.add_(g)
-            else:
-                term_tensor = elbo.differentiable_loss(model, guide, *args)
-                (term_tensor * (weight / n)).backward()
-                term = term_tensor.item()
-        loss += weight * term / n
-        if first:  # recon and KL of the first term computed (the CVAE's, in a hybrid)
-            first = False
-            closed_form_kl = isinstance(
-                elbo, TraceMeanField_ELBO
-            )  # then KL = loss - recon, nothing to recompute
-            log_lik, log_ratio = kept.get("terms") or _log_terms(
-                model_draws, None if closed_form_kl else guide_draws
-            )
-            particles = log_lik.numel() / n
-            recon = -log_lik.sum().item() / particles / n
-            kl = term / n - recon if closed_form_kl else -log_ratio.sum().item() / particles / n
-        # DReG's hook on z refers to the draws, which refer to z: a cycle through autograd that
-        # Python's collector cannot see; dropping the draws breaks it (else every step leaks its graph)
-        model_draws.sites.clear()
-        guide_draws.sites.clear()
-    return {"loss": loss, "recon": recon, "kl": kl}
+# The step
 
 
 def make_optimizer(cvae: CVAE, lr: float) -> torch.optim.Adam:
@@ -182,18 +37,15 @@ def train_step(
     cvae: CVAE,
     batch: Batch,
     optimizer: torch.optim.Optimizer,
-    config: "TrainConfig",
-    elbo: ELBO | None = None,
+    config: TrainConfig,
+    objective: TrainingObjective | None = None,
 ) -> dict[str, float]:
     """One optimisation step on the per-image mean loss; returns its terms. A non-finite loss
-    leaves the parameters untouched (the caller stops the run). ``elbo``: the run's ELBO object
-    (built once by the loop, here when not given)."""
+    leaves the parameters untouched (the caller stops the run). ``objective``: the run's, built
+    once by the loop (here when not given)."""
     optimizer.zero_grad(set_to_none=True)
     with pyro.validation_enabled(False):  # argument checks cost time, and NaN is caught below
-        elbo = elbo or make_elbo(Elbo(config.elbo), config.particles)
-        values = objective_backward(
-            cvae, batch, elbo, config.hybrid_weight, GuideGradient(config.guide_gradient)
-        )
+        values = objective_backward(cvae, batch, objective or config.objective())
     params = [p for group in optimizer.param_groups for p in group["params"]]
     torch.nn.utils.clip_grad_norm_(params, config.clip_norm, foreach=True)
     if math.isfinite(values["loss"]):
@@ -340,147 +192,43 @@ def _train_loop(
 ) -> TrainResult:
     """The optimisation loop, from ``checkpoint`` (a resumed run) or from scratch, saving a
     checkpoint, with the epoch's metrics record, at the end of every epoch and on Ctrl-C."""
-    variant = get_variant(config.variant)
-    pyro.clear_param_store()
-    pyro.set_rng_seed(config.seed)
-    cvae = CVAE(variant).to(device)
-    if pretrained is not None:
-        cvae.baseline_net.load_state_dict(pretrained)
-    optimizer = make_optimizer(cvae, config.lr)
-    elbo = make_elbo(Elbo(config.elbo), config.particles)
-    epoch, start_batch, step, run_id, metrics = 0, 0, 0, new_run_id(), []
-    if checkpoint is not None:
-        cvae.load_state_dict(checkpoint["model"])
-        optimizer.load_state_dict(checkpoint["optimizer"])
-        epoch, start_batch, step = checkpoint["epoch"], checkpoint["batch"], checkpoint["step"]
-        run_id = checkpoint.get("run_id", run_id)
-        metrics = checkpoint["metrics"] if "metrics" in checkpoint else run.read_metrics()
-        torch.set_rng_state(checkpoint["rng"].cpu())
-        if "cuda_rng" in checkpoint and device.type == "cuda":
-            torch.cuda.set_rng_state(checkpoint["cuda_rng"].cpu())
-        log(f"resuming {run.path} at epoch {epoch + 1}, batch {start_batch}, step {step}")
-    else:
-        log(f"training {run.path} from scratch")
-    saved_step = step if checkpoint is not None else None
-
-    def save(epoch: int, batch: int, partial: dict | None = None) -> None:
-        nonlocal saved_step
-        state = {
-            "model": cvae.state_dict(),
-            "optimizer": optimizer.state_dict(),
-            "epoch": epoch,
-            "batch": batch,
-            "step": step,
-            "rng": torch.get_rng_state(),
-            "config": config.to_dict(),
-            "run_id": run_id,
-            "metrics": metrics,
-        }
-        if partial is not None:
-            state["partial"] = partial
-        if device.type == "cuda":
-            state["cuda_rng"] = torch.cuda.get_rng_state()
-        run.write_checkpoint(state)
-        saved_step = step
-
-    per_epoch = steps_per_epoch(len(images), config.batch_size)
-    total = per_epoch * config.epochs
+    training = _Training.start(config, run, checkpoint, pretrained, device, log)
+    total = steps_per_epoch(len(images), config.batch_size) * config.epochs
     started = time.perf_counter()
     status = Status.finished
-    batch_index = start_batch
     with (
-        Progress(run.path.name, total, step, enabled=progress) as bar,
+        Progress(run.path.name, total, training.step, enabled=progress) as bar,
         StopOnInterrupt() as stop,
         warnings.catch_warnings(),
     ):
-        warnings.filterwarnings(
-            "ignore", "Encountered NaN", UserWarning
-        )  # the loop says so itself, below
+        warnings.filterwarnings("ignore", "Encountered NaN", UserWarning)  # the loop says so
         try:
-            while epoch < config.epochs:
-                sums = {"loss": 0.0, "recon": 0.0, "kl": 0.0}
-                count, epoch_start = 0, time.perf_counter()
-                if (
-                    start_batch and checkpoint is not None and "partial" in checkpoint
-                ):  # an interrupted epoch
-                    sums, count = (
-                        dict(checkpoint["partial"]["sums"]),
-                        checkpoint["partial"]["count"],
-                    )
-                    epoch_start -= checkpoint["partial"]["seconds"]
-                batch_index = start_batch
-                for batch in epoch_batches(
-                    images,
-                    config.batch_size,
-                    epoch,
-                    config.seed,
-                    config.mask,
-                    config.inputs,
-                    start=start_batch,
-                ):
-                    values = train_step(cvae, batch, optimizer, config, elbo)
-                    if not math.isfinite(values["loss"]):
-                        raise _Diverged(step, epoch, values["loss"])
-                    step += 1
-                    batch_index += 1
-                    count += 1
-                    for k in sums:
-                        sums[k] += values[k]
-                    if step % 25 == 0:  # one update in 25 steps is plenty for a display
-                        bar.update(step, _progress_status(epoch, config.epochs, sums, count))
-                    if stop.requested and batch_index < per_epoch:
-                        raise _Stop
-                epoch += 1
-                start_batch = batch_index = 0
-                if count:
-                    seconds = time.perf_counter() - epoch_start
-                    record = {
-                        "epoch": epoch,
-                        "step": step,
-                        **{k: v / count for k, v in sums.items()},
-                        "seconds": round(seconds, 2),
-                        "steps_per_s": round(count / max(seconds, 1e-9), 2),
-                        "elbo": config.elbo,
-                        "particles": config.particles,
-                        "guide_gradient": config.guide_gradient,
-                    }
-                    metrics = [*metrics, record]
-                save(epoch, 0)
-                bar.update(
-                    step,
-                    _progress_status(epoch - 1, config.epochs, sums, count, done=True),
-                    milestone=True,
-                )
-                if count and not progress:
+            while training.epoch < config.epochs:
+                record = training.one_epoch(images, bar, stop)
+                if record and not progress:
                     log(
-                        f"epoch {epoch}/{config.epochs}: loss {record['loss']:.3f} "
-                        f"(recon {record['recon']:.3f}, kl {record['kl']:.3f}), {record['steps_per_s']:.1f} steps/s"
+                        f"epoch {training.epoch}/{config.epochs}: loss {record['loss']:.3f} "
+                        f"(recon {record['recon']:.3f}, kl {record['kl']:.3f}), "
+                        f"{record['steps_per_s']:.1f} steps/s"
                     )
-                if stop.requested and epoch < config.epochs:
+                if stop.requested and training.epoch < config.epochs:
                     raise _Stop
         except _Stop:
-            partial = (
-                {"sums": sums, "count": count, "seconds": time.perf_counter() - epoch_start}
-                if batch_index
-                else None
-            )
-            save(epoch, batch_index, partial)
+            # stopped mid-epoch: the epoch's sums so far are saved, to count in its record
+            training.save(training.tally.partial() if training.batch else None)
             log(
-                f"interrupted at step {step}: checkpoint saved in {run.path}; run the same command to resume."
+                f"interrupted at step {training.step}: checkpoint saved in {run.path}; "
+                "run the same command to resume."
             )
             status = Status.interrupted
         except _Diverged as e:
-            if saved_step is not None:
-                kept = f"the last good checkpoint (step {saved_step}) in {run.path} is kept"
-            elif run.exists():
-                kept = f"{run.path} keeps the run it held before"
-            else:
-                kept = "no checkpoint had been written"
             raise RunError(
-                f"loss became {e.value} at step {e.step} (epoch {e.epoch + 1}); training stopped and "
-                f"{kept}. Try a smaller --lr or another --seed."
+                f"loss became {e.value} at step {e.step} (epoch {e.epoch + 1}); training stopped "
+                f"and {training.kept()}. Try a smaller --lr or another --seed."
             ) from None
-    return TrainResult(run.path, epoch, step, time.perf_counter() - started, status)
+    return TrainResult(
+        run.path, training.epoch, training.step, time.perf_counter() - started, status
+    )
 
 
 class _Stop(Exception):
@@ -492,9 +240,184 @@ class _Diverged(Exception):
         self.step, self.epoch, self.value = step, epoch, value
 
 
-def _progress_status(
-    epoch: int, epochs: int, sums: dict[str, float], count: int, done: bool = False
-) -> str:
-    """Where training is, for the progress display: the epoch (0-based) and its mean loss terms so far."""
-    terms = " ".join(f"{k} {v / max(count, 1):.2f}" for k, v in sums.items())
-    return f"epoch {epoch + 1}/{epochs}{' done' if done else ''}, {terms}"
+@dataclass
+class _Tally:
+    """An epoch's sums of the steps' loss terms, its steps and when it started."""
+
+    sums: dict[str, float] = field(default_factory=lambda: dict(loss=0.0, recon=0.0, kl=0.0))
+    count: int = 0
+    started: float = field(default_factory=time.perf_counter)
+
+    @classmethod
+    def resumed(cls, partial: dict) -> _Tally:
+        """The tally a checkpoint saved mid-epoch (``partial``) holds, its time still running."""
+        return cls(
+            dict(partial["sums"]), partial["count"], time.perf_counter() - partial["seconds"]
+        )
+
+    def add(self, values: dict[str, float]) -> None:
+        self.count += 1
+        for k in self.sums:
+            self.sums[k] += values[k]
+
+    def partial(self) -> dict:
+        return {
+            "sums": self.sums,
+            "count": self.count,
+            "seconds": time.perf_counter() - self.started,
+        }
+
+    def record(self, epoch: int, step: int, config: TrainConfig) -> dict:
+        """The epoch's line of metrics: mean terms per step, time, and the objective."""
+        seconds = time.perf_counter() - self.started
+        return {
+            "epoch": epoch,
+            "step": step,
+            **{k: v / self.count for k, v in self.sums.items()},
+            "seconds": round(seconds, 2),
+            "steps_per_s": round(self.count / max(seconds, 1e-9), 2),
+            "elbo": config.elbo,
+            "particles": config.particles,
+            "guide_gradient": config.guide_gradient,
+        }
+
+    def status(self, epoch: int, epochs: int, done: bool = False) -> str:
+        """Where training is, for the progress display: the epoch (0-based) and its mean terms."""
+        terms = " ".join(f"{k} {v / max(self.count, 1):.2f}" for k, v in self.sums.items())
+        return f"epoch {epoch + 1}/{epochs}{' done' if done else ''}, {terms}"
+
+
+@dataclass
+class _Training:
+    """A run being trained: its nets, optimiser and objective, and where it is. ``batch``: the
+    batches of ``epoch`` done (a run stopped mid-epoch resumes after them); ``partial``: the
+    tally of that stopped epoch; ``saved_step``: the step of the checkpoint on disk (None
+    before the first), kept if the loss diverges."""
+
+    config: TrainConfig
+    run: Run
+    device: torch.device
+    cvae: CVAE
+    optimizer: torch.optim.Optimizer
+    objective: TrainingObjective
+    run_id: str
+    epoch: int = 0
+    batch: int = 0
+    step: int = 0
+    metrics: list[dict] = field(default_factory=list)
+    partial: dict | None = None
+    saved_step: int | None = None
+    tally: _Tally = field(default_factory=_Tally)
+
+    @classmethod
+    def start(
+        cls,
+        config: TrainConfig,
+        run: Run,
+        checkpoint: dict | None,
+        pretrained: dict | None,
+        device: torch.device,
+        log: Callable[[str], None],
+    ) -> _Training:
+        """The run's nets (seeded), optimiser and objective, at ``checkpoint`` if there is one."""
+        pyro.clear_param_store()
+        pyro.set_rng_seed(config.seed)
+        cvae = CVAE(get_variant(config.variant)).to(device)
+        if pretrained is not None:
+            cvae.baseline_net.load_state_dict(pretrained)
+        optimizer = make_optimizer(cvae, config.lr)
+        training = cls(config, run, device, cvae, optimizer, config.objective(), new_run_id())
+        if checkpoint is None:
+            log(f"training {run.path} from scratch")
+        else:
+            training.restore(checkpoint)
+            log(
+                f"resuming {run.path} at epoch {training.epoch + 1}, batch {training.batch}, "
+                f"step {training.step}"
+            )
+        return training
+
+    def restore(self, checkpoint: dict) -> None:
+        """Continue where the checkpoint stopped, RNG included: the resumed run draws the batches
+        and z the uninterrupted one would have."""
+        self.cvae.load_state_dict(checkpoint["model"])
+        self.optimizer.load_state_dict(checkpoint["optimizer"])
+        self.epoch, self.batch, self.step = (
+            checkpoint["epoch"],
+            checkpoint["batch"],
+            checkpoint["step"],
+        )
+        self.run_id = checkpoint.get("run_id", self.run_id)
+        # checkpoints of the first landing held no metrics: metrics.jsonl has them
+        self.metrics = checkpoint["metrics"] if "metrics" in checkpoint else self.run.read_metrics()
+        self.partial = checkpoint.get("partial")
+        torch.set_rng_state(checkpoint["rng"].cpu())
+        if "cuda_rng" in checkpoint and self.device.type == "cuda":
+            torch.cuda.set_rng_state(checkpoint["cuda_rng"].cpu())
+        self.saved_step = self.step
+
+    def one_epoch(self, images: torch.Tensor, bar: Progress, stop: StopOnInterrupt) -> dict | None:
+        """Train the epoch's batches from ``batch`` on, then record the epoch and save a
+        checkpoint; the epoch's metrics record (None if it had no step). ``_Stop`` when Ctrl-C
+        comes before the epoch's last batch, ``_Diverged`` on a non-finite loss."""
+        config = self.config
+        # a resumed epoch continues the tally it was stopped with: its record counts every step
+        self.tally = _Tally.resumed(self.partial) if self.batch and self.partial else _Tally()
+        self.partial = None
+        per_epoch = steps_per_epoch(len(images), config.batch_size)
+        batches = epoch_batches(
+            images,
+            config.batch_size,
+            self.epoch,
+            config.seed,
+            config.mask,
+            config.inputs,
+            self.batch,
+        )
+        for batch in batches:
+            values = train_step(self.cvae, batch, self.optimizer, config, self.objective)
+            if not math.isfinite(values["loss"]):
+                raise _Diverged(self.step, self.epoch, values["loss"])
+            self.step += 1
+            self.batch += 1
+            self.tally.add(values)
+            if self.step % 25 == 0:  # one update in 25 steps is plenty for a display
+                bar.update(self.step, self.tally.status(self.epoch, config.epochs))
+            if stop.requested and self.batch < per_epoch:
+                raise _Stop
+        self.epoch, self.batch = self.epoch + 1, 0
+        record = self.tally.record(self.epoch, self.step, config) if self.tally.count else None
+        if record:
+            self.metrics = [*self.metrics, record]
+        self.save()
+        status = self.tally.status(self.epoch - 1, config.epochs, done=True)
+        bar.update(self.step, status, milestone=True)
+        return record
+
+    def save(self, partial: dict | None = None) -> None:
+        """A checkpoint of where the run is; ``partial``: the tally of an epoch stopped mid-way."""
+        state = {
+            "model": self.cvae.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "epoch": self.epoch,
+            "batch": self.batch,
+            "step": self.step,
+            "rng": torch.get_rng_state(),
+            "config": self.config.to_dict(),
+            "run_id": self.run_id,
+            "metrics": self.metrics,
+        }
+        if partial is not None:
+            state["partial"] = partial
+        if self.device.type == "cuda":
+            state["cuda_rng"] = torch.cuda.get_rng_state()
+        self.run.write_checkpoint(state)
+        self.saved_step = self.step
+
+    def kept(self) -> str:
+        """What is left of the run after the loss diverged."""
+        if self.saved_step is not None:
+            return f"the last good checkpoint (step {self.saved_step}) in {self.run.path} is kept"
+        if self.run.exists():
+            return f"{self.run.path} keeps the run it held before"
+        return "no checkpoint had been written"

@@ -31,7 +31,6 @@ import torch.nn.functional as F
 from pyro_cvae.config import TrainConfig
 from pyro_cvae.data import epoch_batches, load_split
 from pyro_cvae.model import CVAE, get_variant
-from pyro_cvae.objectives import Elbo, make_elbo
 from pyro_cvae.train import make_optimizer, train_step
 
 
@@ -107,11 +106,8 @@ def main() -> None:
 
     def pyro_route(config: TrainConfig):
         cvae = copy.deepcopy(initial)
-        optimizer, elbo = (
-            make_optimizer(cvae, config.lr),
-            make_elbo(Elbo(config.elbo), config.particles),
-        )
-        return lambda b: train_step(cvae, b, optimizer, config, elbo)
+        optimizer, objective = make_optimizer(cvae, config.lr), config.objective()
+        return lambda b: train_step(cvae, b, optimizer, config, objective)
 
     routes = {
         "(a) plain PyTorch, default Adam": plain_route(fused=False),

@@ -11,8 +11,8 @@ from pyro_cvae.config import TrainConfig
 from pyro_cvae.data import hidden_masks, make_batch
 from pyro_cvae.model import CVAE, VARIANTS, get_variant, hidden_pixels
 from pyro_cvae.nets import GenerationNet
-from pyro_cvae.objectives import Elbo, GuideGradient, make_elbo
-from pyro_cvae.train import make_optimizer, objective_backward, train_step
+from pyro_cvae.objectives import Elbo, GuideGradient, make_elbo, objective_backward
+from pyro_cvae.train import make_optimizer, train_step
 
 from .helpers import fake_images
 
