@@ -4,11 +4,8 @@ reader (or a run interrupted mid-write) never sees a half-written checkpoint, re
 from __future__ import annotations
 
 import os
-import re
 from pathlib import Path
 from typing import Callable
-
-_TEMPORARY = re.compile(r"^\..+\.tmp(\d+)$")  # .NAME.tmpPID
 
 
 def atomic_write(path: str | Path, write: Callable[[Path], None]) -> Path:
@@ -30,24 +27,3 @@ def atomic_write_text(text: str, path: str | Path) -> Path:
 
 def atomic_write_bytes(data: bytes, path: str | Path) -> Path:
     return atomic_write(path, lambda tmp: tmp.write_bytes(data))
-
-
-def pid_alive(pid: int) -> bool:
-    """Whether a process of this machine has this id."""
-    if pid <= 0:
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # alive, someone else's
-        return True
-    return True
-
-
-def remove_stale_temporaries(folder: Path) -> None:
-    """Delete the temporary files that writers killed mid-write (``kill -9``) left in ``folder``."""
-    for path in folder.iterdir() if folder.is_dir() else []:
-        match = _TEMPORARY.match(path.name)
-        if match and not pid_alive(int(match.group(1))):
-            path.unlink(missing_ok=True)

@@ -8,7 +8,7 @@
                                   read these); eval-<split>-S<S>-n<N>-seed<K>.json otherwise
     samples-<split>.png           a sample grid
     reproduce.log                 what scripts/reproduce.py did with the run
-    train.lock                    the id of the process training the run, while it does
+    train.lock                    the id of the process training the run, while it does (lock.py)
 
 Every file is written atomically. A checkpoint is written first and the copies after it, so a
 kill between the two leaves the checkpoint right and the copies are redone from it. Results
@@ -17,32 +17,23 @@ record the checkpoint they were computed from and count only while it is the one
 
 from __future__ import annotations
 
-import errno
 import json
-import os
-import time
 import uuid
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
-try:
-    import fcntl
-except ImportError:  # not POSIX
-    fcntl = None
-
 import torch
 
-from .atomic import atomic_write, atomic_write_text, pid_alive, remove_stale_temporaries
+from .atomic import atomic_write, atomic_write_text
 from .config import Mask, OptionError, TrainConfig
+from .lock import LockError, hold
 from .model import CVAE, VARIANTS, get_variant
 
 CONFIG = "config.json"
 CHECKPOINT = "checkpoint.pt"
 METRICS = "metrics.jsonl"
-LOCK = "train.lock"
-LOCK_MARK = " flock"  # after the pid: the writer holds a flock on the file
 # what a checkpoint must hold, and of which type
 _CHECKPOINT_KEYS = {
     "model": dict,
@@ -172,104 +163,13 @@ class Run:
 
     @contextmanager
     def lock(self) -> Iterator[None]:
-        """Hold the run for one training process. The run directory is made here and removed
-        again on the way out if the command left nothing in it (with the folders made for it).
-
-        The lock is ``train.lock``: the trainer's pid, marked ``flock`` where the trainer also
-        holds an exclusive ``flock`` on the file, which the system drops when the process dies
-        however it dies. A marked lock whose flock is free is stale (its pid may live again in
-        another program), and it is taken over atomically: the new lock file is flocked before
-        it replaces the old one, so two processes never both train a run. An unmarked lock
-        (written where flock is missing, or by an older version) is held while its pid lives;
-        taking over such a lock when two processes race for it is not atomic."""
-        made = [p for p in (self.path, *self.path.parents) if not p.exists()]
-        self.path.mkdir(parents=True, exist_ok=True)
+        """Hold the run for one training process (``lock.hold`` says how); a RunError names the
+        process holding it."""
         try:
-            held = self._acquire()
-            try:
-                remove_stale_temporaries(self.path)
+            with hold(self.path):
                 yield
-            finally:
-                try:
-                    (self.path / LOCK).unlink(missing_ok=True)  # while still flocked
-                finally:
-                    if held is not None:
-                        os.close(held)
-        finally:
-            for folder in made:  # deepest first
-                try:
-                    folder.rmdir()
-                except OSError:  # not empty (or not ours to remove): keep it
-                    break
-
-    def _acquire(self) -> int | None:
-        """Take the lock; the flocked descriptor to keep until the run is released (None where
-        the file system has no flock)."""
-        lock = self.path / LOCK
-        mine = self.path / f".{LOCK}.tmp{os.getpid()}"
-        fd = None
-        try:
-            fd = _new_lock_file(mine)
-            for attempt in range(5):
-                try:
-                    os.link(mine, lock)  # atomic, and the lock is never seen without its pid
-                    return fd
-                except FileExistsError:
-                    if self._take_over_if_stale(lock, mine):
-                        return fd
-                    time.sleep(
-                        0.05 * attempt
-                    )  # it changed under us, or is being taken over: look again
-            raise RunError(
-                f"{self.path} is being locked by another process; run this command again."
-            )
-        except BaseException:
-            if fd is not None:
-                os.close(fd)
-            raise
-        finally:
-            mine.unlink(missing_ok=True)
-
-    def _take_over_if_stale(self, lock: Path, mine: Path) -> bool:
-        """Replace ``lock`` by ``mine`` if its holder is gone; RunError naming the holder if it
-        lives; False if the lock changed meanwhile (the caller looks again)."""
-        holder, marked = _read_lock(lock)
-        if (
-            not marked or fcntl is None
-        ):  # no flock to ask: the pid alone says whether the holder lives
-            if holder is not None and pid_alive(holder):
-                raise RunError(_held_message(self.path, holder))
-            lock.unlink(missing_ok=True)
-            return False
-        try:
-            old = os.open(lock, os.O_RDONLY)
-        except FileNotFoundError:
-            return False
-        except OSError as e:
-            raise RunError(
-                f"cannot read the lock {lock} ({e.strerror}); if no process trains {self.path}, "
-                f"remove that file and run this command again."
-            ) from None
-        try:
-            try:
-                fcntl.flock(old, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                if holder is not None and pid_alive(holder):
-                    raise RunError(_held_message(self.path, holder)) from None
-                return (
-                    False  # a dead holder's file, flocked by a process taking it over: look again
-                )
-            try:
-                if not os.path.samestat(os.fstat(old), os.stat(lock)):
-                    return False  # replaced since we opened it
-            except FileNotFoundError:
-                return False
-            os.replace(
-                mine, lock
-            )  # left by a process that died: ours now, flocked before it appears
-            return True
-        finally:
-            os.close(old)
+        except LockError as e:
+            raise RunError(str(e)) from None
 
     # ------------------------------------------------------------------ checkpoint and config
 
@@ -523,48 +423,6 @@ def _checkpoint_problem(checkpoint: Any) -> str | None:
         return f"no {', '.join(missing)}"
     wrong = [k for k, kind in _CHECKPOINT_KEYS.items() if not isinstance(checkpoint[k], kind)]
     return f"{', '.join(wrong)} of the wrong type" if wrong else None
-
-
-def _new_lock_file(path: Path) -> int | None:
-    """Write a lock file naming this process at ``path`` and flock it; the descriptor holding
-    the flock, or None (and a file without the ``flock`` mark) where flock is unavailable."""
-    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
-    try:
-        flocked = False
-        if fcntl is not None:
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # a new file: nobody else holds it
-                flocked = True
-            except OSError as e:
-                if e.errno not in (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL):
-                    raise
-        os.write(fd, f"{os.getpid()}{LOCK_MARK if flocked else ''}\n".encode())
-    except BaseException:
-        os.close(fd)
-        raise
-    if not flocked:
-        os.close(fd)
-        return None
-    return fd
-
-
-def _held_message(path: Path, holder: int | None) -> str:
-    who = f"process {holder}" if holder is not None else "another process"
-    stop = f" (or stop it: kill {holder})" if holder is not None else ""
-    return (
-        f"{path} is being trained by {who}; wait for it to finish{stop} and run this command again."
-    )
-
-
-def _read_lock(lock: Path) -> tuple[int | None, bool]:
-    """The pid a lock file names (None if unreadable) and whether it is marked as flocked."""
-    try:
-        text = lock.read_text()
-    except OSError:
-        return None, False
-    words = text.split()
-    holder = int(words[0]) if words and words[0].isdigit() else None
-    return holder, text.strip().endswith(LOCK_MARK.strip())
 
 
 def _read_text(path: Path) -> str | None:

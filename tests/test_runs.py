@@ -12,13 +12,14 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from pyro_cvae import data, runs
+from pyro_cvae import data, lock
 from pyro_cvae.atomic import atomic_write_text
 from pyro_cvae.cli import app
 from pyro_cvae.config import TrainConfig
 from pyro_cvae.evaluate import evaluate_run
+from pyro_cvae.lock import LOCK, LOCK_MARK
 from pyro_cvae.plots import plot_runs
-from pyro_cvae.runs import CHECKPOINT, CONFIG, LOCK, LOCK_MARK, METRICS, Run, RunError, load_run
+from pyro_cvae.runs import CHECKPOINT, CONFIG, METRICS, Run, RunError, load_run
 from pyro_cvae.train import Status, train
 
 from .helpers import fake_images, train_tiny
@@ -134,7 +135,7 @@ def test_a_flock_lock_whose_flock_is_free_is_stale_even_if_its_pid_lives_again(f
 
 
 def test_without_flock_the_pid_decides(finished, monkeypatch):
-    monkeypatch.setattr(runs, "fcntl", None)
+    monkeypatch.setattr(lock, "fcntl", None)
     (finished / LOCK).write_text(f"{os.getppid()}\n")
     with pytest.raises(RunError, match="being trained by process"):
         train_tiny(finished, "no-baseline", epochs=2)
