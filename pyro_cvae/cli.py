@@ -12,8 +12,9 @@ import typer
 from rich.markup import escape
 
 from . import data as data_lib
-from .config import EvalConfig, Mask, SampleConfig, Split, TrainConfig
+from .config import EvalConfig, SampleConfig, TrainConfig
 from .console import Column, Progress, console, errors, print_table
+from .data import Mask, Split
 from .model import VARIANTS
 from .objectives import Elbo, GuideGradient
 

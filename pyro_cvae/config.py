@@ -4,13 +4,13 @@ and its check. The CLI reads its defaults from here, and every check fails with 
 
 from __future__ import annotations
 
-import enum
 import math
 from dataclasses import asdict, dataclass, fields
 from typing import Any
 
 import torch
 
+from .data import Mask, Split  # noqa: F401  (re-exported: their home is data)
 from .model import VARIANTS, get_variant
 from .objectives import (
     Elbo,
@@ -25,18 +25,6 @@ SEED_LIMIT = 2**32  # numpy's seeds (set by pyro.set_rng_seed) are 32-bit
 
 class OptionError(ValueError):
     """An option's value is refused; the message names the option as the CLI spells it."""
-
-
-class Mask(str, enum.Enum):
-    """Masking protocol: ``random`` (one of four quadrants visible, the reference's) or ``fixed``."""
-
-    random = "random"
-    fixed = "fixed"
-
-
-class Split(str, enum.Enum):
-    test = "test"
-    train = "train"
 
 
 def check_split(split: str) -> Split:

@@ -6,6 +6,7 @@ The one place that reads MNIST. Images come back as one float32 tensor ``(N, 784
 
 from __future__ import annotations
 
+import enum
 import gzip
 import hashlib
 import json
@@ -22,7 +23,21 @@ from .atomic import atomic_write_text
 
 SIDE = 28
 PIXELS = SIDE * SIDE
-SPLITS = ("train", "test")
+
+
+class Mask(str, enum.Enum):
+    """Masking protocol: ``random`` (one of four quadrants visible, the reference's) or ``fixed``."""
+
+    random = "random"
+    fixed = "fixed"
+
+
+class Split(str, enum.Enum):
+    """An MNIST split."""
+
+    test = "test"
+    train = "train"
+
 
 # file stem -> (md5 of the uncompressed IDX bytes, expected leading dimensions)
 FILES = {
@@ -228,8 +243,8 @@ def load_split(
     split: str, data_dir: str | Path | None = None, limit: int | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Images ``(N, 784)`` float32 in [0, 1] and labels ``(N,)`` int64 of one split."""
-    if split not in SPLITS:
-        raise DataError(f"unknown split {split!r}; choose one of {', '.join(SPLITS)}.")
+    if split not in list(Split):
+        raise DataError(f"unknown split {split!r}; choose one of {', '.join(Split)}.")
     root = locate(data_dir)
     image_stem, label_stem = SPLIT_FILES[split]
     images, _ = read_idx(find_file(root, image_stem), image_stem)
@@ -243,7 +258,6 @@ def load_split(
 # ---------------------------------------------------------------------------------------------
 # Quadrant masks. Quadrants are numbered 0 top-left, 1 top-right, 2 bottom-left, 3 bottom-right.
 
-MASKS = ("random", "fixed")
 _rows = torch.arange(SIDE).view(SIDE, 1).expand(SIDE, SIDE)
 _cols = torch.arange(SIDE).view(1, SIDE).expand(SIDE, SIDE)
 QUADRANT_OF_PIXEL = ((_rows >= SIDE // 2).long() * 2 + (_cols >= SIDE // 2).long()).reshape(PIXELS)
@@ -268,11 +282,11 @@ def hidden_masks(
     n: int, mask: str = "random", inputs: int = 1, generator: torch.Generator | None = None
 ) -> torch.Tensor:
     """Hidden masks ``(n, 784)`` bool for either protocol."""
-    if mask == "random":
+    if mask == Mask.random:
         return random_hidden(n, generator)
-    if mask == "fixed":
+    if mask == Mask.fixed:
         return fixed_hidden(inputs).expand(n, PIXELS)
-    raise ValueError(f"unknown mask protocol {mask!r}; choose one of {', '.join(MASKS)}.")
+    raise ValueError(f"unknown mask protocol {mask!r}; choose one of {', '.join(Mask)}.")
 
 
 def evaluation_masks(n: int, mask: str = "random", inputs: int = 1, seed: int = 0) -> torch.Tensor:

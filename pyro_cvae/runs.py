@@ -27,7 +27,8 @@ from typing import Any, Callable, Iterator
 import torch
 
 from .atomic import atomic_write, atomic_write_text
-from .config import Mask, OptionError, TrainConfig
+from .config import OptionError, TrainConfig
+from .data import Mask
 from .lock import LockError, hold
 from .model import CVAE, VARIANTS, get_variant
 

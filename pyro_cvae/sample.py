@@ -25,8 +25,8 @@ from matplotlib.lines import Line2D
 from matplotlib.textpath import TextPath
 from torchvision.utils import make_grid
 
-from .config import Mask, SampleConfig, require_at_least_one, resolve_device
-from .data import SIDE, evaluation_masks, load_split, visible_input
+from .config import SampleConfig, require_at_least_one, resolve_device
+from .data import SIDE, Mask, evaluation_masks, load_split, visible_input
 from .model import CVAE, Baseline, hidden_pixels
 from .plots import DPI, save_png
 from .runs import Run, baseline_run_dir, comparison_path, require_trained_runs
