@@ -121,6 +121,8 @@ def data_cmd(data_dir: DataDir = None) -> None:
 @app.command("variants")
 def variants_cmd() -> None:
     """List the variants: what each changes, and the reference implementation's NCLL."""
+    from .references import TABLE
+
     columns = [
         Column("variant", whole=True),
         Column("what changes"),
@@ -131,8 +133,8 @@ def variants_cmd() -> None:
         [
             v.name,
             escape(v.summary),
-            v.reference_config or "(paper)",
-            f"{v.reference_ncll:.3f}" if v.reference_ncll is not None else "-",
+            TABLE[v.name].config if v.name in TABLE else "(paper)",
+            f"{TABLE[v.name].ncll:.3f}" if v.name in TABLE else "-",
         ]
         for v in VARIANTS.values()
     ]

@@ -24,6 +24,7 @@ from torch import nn
 
 from .nets import Z_DIM, BaselineNet, GaussianNet, GenerationNet
 from .objectives import Elbo, GuideGradient, Objective
+from .references import TABLE
 
 
 class Baseline(str, enum.Enum):
@@ -59,11 +60,15 @@ class Variant:
     prior: Prior = Prior.conditional
     conditioned_decoder: bool = False
     objective: Objective = Objective.cvae
-    reference_config: str | None = None
-    reference_ncll: float | None = None
     elbo: Elbo = Elbo.meanfield  # the default training objective (--elbo overrides)
     particles: int = 1  # K of that objective (--particles overrides)
     guide_gradient: GuideGradient = GuideGradient.reparam  # (--guide-gradient overrides)
+
+    @property
+    def reference_config(self) -> str | None:
+        """The reference implementation's config file of this row (``references.TABLE``)."""
+        row = TABLE.get(self.name)
+        return row.config if row else None
 
     @property
     def has_recognition_net(self) -> bool:
@@ -81,22 +86,16 @@ VARIANTS: dict[str, Variant] = {
             "baseline",
             "deterministic net alone",
             objective=Objective.baseline,
-            reference_config="baseline.yml",
-            reference_ncll=112.382,
         ),
         Variant(
             "cvae",
             "prior fed by a pretrained, frozen baseline",
             baseline=Baseline.frozen,
             pretrained=True,
-            reference_config="cvae.yml",
-            reference_ncll=72.255,
         ),
         Variant(
             "no-baseline",
             "no baseline; prior sees x alone",
-            reference_config="cvae-wobl.yml",
-            reference_ncll=70.868,
         ),
         Variant(
             "cond-decoder",
@@ -104,37 +103,27 @@ VARIANTS: dict[str, Variant] = {
             baseline=Baseline.frozen,
             pretrained=True,
             conditioned_decoder=True,
-            reference_config="cvae-cdec.yml",
-            reference_ncll=79.524,
         ),
         Variant(
             "cond-decoder-no-baseline",
             "as no-baseline, decoder p(y|z,x)",
             conditioned_decoder=True,
-            reference_config="cvae-cdec-wobl.yml",
-            reference_ncll=83.745,
         ),
         Variant(
             "unconditioned-prior",
             "prior N(0, I), no baseline",
             prior=Prior.standard,
-            reference_config="cvae-ucprior.yml",
-            reference_ncll=76.024,
         ),
         Variant(
             "joint-pretrained",
             "baseline starts pretrained and trains with the CVAE",
             baseline=Baseline.joint,
             pretrained=True,
-            reference_config="cvae-unfreeze-baseline.yml",
-            reference_ncll=69.352,
         ),
         Variant(
             "joint-scratch",
             "baseline starts random and trains with the CVAE",
             baseline=Baseline.joint,
-            reference_config="cvae-unfreeze-baseline-wopt.yml",
-            reference_ncll=67.813,
         ),
         Variant(
             "gsnn",
@@ -148,8 +137,8 @@ VARIANTS: dict[str, Variant] = {
             baseline=Baseline.joint,
             objective=Objective.hybrid,
         ),
-        # beyond the table: the same models trained on the importance-weighted bound (K=10) with doubly
-        # reparameterised gradients; their reference columns are the reference's (meanfield) figures for that model
+        # beyond the table: the same models trained on the importance-weighted bound (K=10) with
+        # doubly reparameterised gradients
         Variant(
             "joint-scratch-iwae",
             "as joint-scratch, trained on the IWAE bound (K=10, DReG)",
@@ -157,8 +146,6 @@ VARIANTS: dict[str, Variant] = {
             elbo=Elbo.iwae,
             particles=10,
             guide_gradient=GuideGradient.dreg,
-            reference_config="cvae-unfreeze-baseline-wopt.yml",
-            reference_ncll=67.813,
         ),
         Variant(
             "cvae-iwae",
@@ -168,8 +155,6 @@ VARIANTS: dict[str, Variant] = {
             elbo=Elbo.iwae,
             particles=10,
             guide_gradient=GuideGradient.dreg,
-            reference_config="cvae.yml",
-            reference_ncll=72.255,
         ),
     ]
 }
