@@ -8,26 +8,26 @@ from torch import nn
 
 from .data import PIXELS
 
-HIDDEN = 500
+WIDTH = 500  # units of each hidden layer
 Z_DIM = 200
 
 
-def mlp(inputs: int, outputs: int, hidden: int = HIDDEN) -> nn.Sequential:
+def mlp(n_in: int, n_out: int, width: int = WIDTH) -> nn.Sequential:
     return nn.Sequential(
-        nn.Linear(inputs, hidden),
+        nn.Linear(n_in, width),
         nn.GELU(),
-        nn.Linear(hidden, hidden),
+        nn.Linear(width, width),
         nn.GELU(),
-        nn.Linear(hidden, outputs),
+        nn.Linear(width, n_out),
     )
 
 
 class BaselineNet(nn.Module):
     """f(x): logits ``(B, 784)`` of every pixel from the masked input ``(B, 784)``."""
 
-    def __init__(self, hidden: int = HIDDEN):
+    def __init__(self, width: int = WIDTH):
         super().__init__()
-        self.net = mlp(PIXELS, PIXELS, hidden)
+        self.net = mlp(PIXELS, PIXELS, width)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.net(x)
@@ -38,9 +38,9 @@ class GaussianNet(nn.Module):
 
     Serves as the prior net p(z|x) and the recognition net q(z|x,y)."""
 
-    def __init__(self, z_dim: int = Z_DIM, hidden: int = HIDDEN):
+    def __init__(self, z_dim: int = Z_DIM, width: int = WIDTH):
         super().__init__()
-        self.net = mlp(PIXELS, 2 * z_dim, hidden)
+        self.net = mlp(PIXELS, 2 * z_dim, width)
 
     def forward(self, image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         loc, raw_scale = self.net(image).chunk(2, dim=-1)
@@ -50,17 +50,17 @@ class GaussianNet(nn.Module):
 class GenerationNet(nn.Module):
     """p(y|z) or, conditioned, p(y|z,x): pixel logits ``(..., 784)`` from z ``(..., z_dim)``.
 
-    The conditioned net is an MLP on the concatenation [z, x] (984 inputs). Its first layer is
+    The conditioned net is an MLP on the concatenation [z, x] (n_in = 984). Its first layer is
     written as W_z z + W_x x, the same affine map, so that with S particles per image the x
     part is computed once per image, not once per particle."""
 
-    def __init__(self, z_dim: int = Z_DIM, conditioned: bool = False, hidden: int = HIDDEN):
+    def __init__(self, z_dim: int = Z_DIM, conditioned: bool = False, width: int = WIDTH):
         super().__init__()
         self.conditioned = conditioned
-        self.z_in = nn.Linear(z_dim, hidden)
-        self.x_in = nn.Linear(PIXELS, hidden, bias=False) if conditioned else None
+        self.z_in = nn.Linear(z_dim, width)
+        self.x_in = nn.Linear(PIXELS, width, bias=False) if conditioned else None
         self.rest = nn.Sequential(
-            nn.GELU(), nn.Linear(hidden, hidden), nn.GELU(), nn.Linear(hidden, PIXELS)
+            nn.GELU(), nn.Linear(width, width), nn.GELU(), nn.Linear(width, PIXELS)
         )
 
     def forward(self, z: torch.Tensor, x: torch.Tensor | None = None) -> torch.Tensor:
