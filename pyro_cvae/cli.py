@@ -218,7 +218,7 @@ def train_cmd(
         elbo=elbo.value if elbo else None,
         particles=particles,
         guide_gradient=guide_gradient.value if guide_gradient else None,
-    ).validate()
+    )
     result = train(
         config,
         run_dir=run_dir,
@@ -274,43 +274,23 @@ def evaluate_cmd(
 ) -> None:
     """NCLL of a trained run by importance sampling, printed and saved in the run directory; with
     no run named, of every trained run in RUNS_DIR, in one table."""
+    from .config import Context
     from .evaluate import evaluate_run, evaluate_runs
     from .runs import select_run
 
     _threads(threads)
-    EvalConfig(samples, split, limit, batch_size, seed).validate()
+    config = EvalConfig(samples, split, limit, batch_size, seed)
     target = select_run(run_dir, runs_dir, variant and variant.value, mask, inputs)
-    options = dict(
-        samples=samples,
-        split=split.value,
-        limit=limit,
-        batch_size=batch_size,
-        seed=seed,
-        data_dir=data_dir,
-        device=device.value,
-        log=console.print,
-    )
     with Progress(
         target.name if target else "evaluating", total=0, unit="images", transient=True
     ) as bar:
-        if target is not None:
-            results = [
-                (
-                    evaluate_run(
-                        target,
-                        **options,
-                        progress=lambda done, total: bar.update(done, total=total),
-                    ),
-                    False,
-                )
-            ]
+        context = Context(data_dir, device.value, log=console.print)
+        if target is not None:  # the bar names the run already
+            context.progress = lambda done, total, _: bar.update(done, total=total)
+            results = [(evaluate_run(target, config, context), False)]
         else:
-            results = evaluate_runs(
-                runs_dir,
-                force=force,
-                **options,
-                progress=lambda done, total, name: bar.update(done, name, total=total),
-            )
+            context.progress = lambda done, total, name: bar.update(done, name, total=total)
+            results = evaluate_runs(runs_dir, config, context, force=force)
     _print_evaluations(results, split.value)
     if target is not None:
         r = results[0][0]
@@ -390,26 +370,20 @@ def sample_cmd(
 ) -> None:
     """A PNG grid of a trained run: input | truth | baseline | CVAE samples, a column per image;
     with no run named, one picture comparing every trained run in RUNS_DIR on the same digits."""
+    from .config import Context
     from .runs import select_run
     from .sample import compare_runs, sample_grid
 
     _threads(threads)
-    SampleConfig(num_images, num_samples, split, seed).validate()
+    comparing = run_dir is None and variant is None  # three draws a run: the picture holds all
+    default = 3 if comparing else SampleConfig.num_samples
+    config = SampleConfig(num_images, default if num_samples is None else num_samples, split, seed)
     target = select_run(run_dir, runs_dir, variant and variant.value, mask, inputs)
-    options = dict(
-        num_images=num_images,
-        split=split.value,
-        seed=seed,
-        out=out,
-        data_dir=data_dir,
-        device=device.value,
-    )
+    context = Context(data_dir, device.value)
     if target is None:
-        paths = compare_runs(runs_dir, num_samples=num_samples or 3, **options)
-    else:  # the baseline row, for a run without a baseline net, comes from a finished baseline run beside it
-        paths = [
-            sample_grid(target, num_samples=num_samples or SampleConfig.num_samples, **options)
-        ]
+        paths = compare_runs(runs_dir, config, context, out)
+    else:  # a run without a baseline net takes its baseline row from a baseline run beside it
+        paths = [sample_grid(target, config, context, out)]
     for path in paths:
         console.print(f"wrote {escape(str(path))}", highlight=False)
 

@@ -1,16 +1,18 @@
 """What a command is asked to do: one dataclass per kind of job, holding each option's default
-and its check. The CLI reads its defaults from here, and every check fails with an
-``OptionError`` (a ``ValueError``) that names the option as the CLI spells it."""
+and its check, run on construction; and the ``Context`` a command works in. The CLI reads its
+defaults from here, and every check fails with an ``OptionError`` (a ``ValueError``) that
+names the option as the CLI spells it."""
 
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, fields
-from typing import Any
+from dataclasses import asdict, dataclass, fields, replace
+from pathlib import Path
+from typing import Any, Callable
 
 import torch
 
-from .data import Mask, Split  # noqa: F401  (re-exported: their home is data)
+from .data import Mask, Split, load_split
 from .model import VARIANTS, get_variant
 from .objectives import (
     Elbo,
@@ -108,8 +110,10 @@ class TrainConfig:
                 self.particles = (
                     variant.particles if same else 5 if self.elbo == Elbo.iwae.value else 1
                 )
+        self.validate()
 
     def validate(self) -> "TrainConfig":
+        """The checks, run on construction; returns the config."""
         variant = get_variant(self.variant)
         require_at_least_one(
             epochs=self.epochs,
@@ -228,8 +232,7 @@ class TrainConfig:
             values.get("variant")
         ):  # stored, and ignored, by runs of the first landing
             values["hybrid_weight"] = None
-        config = cls(**values)
-        return config.validate()
+        return cls(**values)
 
 
 def _is_hybrid(variant: str | None) -> bool:
@@ -248,6 +251,9 @@ class EvalConfig:
     )
     seed: int = 0  # of the evaluation masks and the z draws
 
+    def __post_init__(self) -> None:
+        self.validate()
+
     def validate(self) -> "EvalConfig":
         require_at_least_one(samples=self.samples, limit=self.limit, batch_size=self.batch_size)
         check_seed(self.seed)
@@ -264,8 +270,42 @@ class SampleConfig:
     split: Split = Split.test
     seed: int = 0  # of the masks (as evaluate draws them) and the z draws
 
+    def __post_init__(self) -> None:
+        self.validate()
+
     def validate(self) -> "SampleConfig":
         require_at_least_one(num_images=self.num_images, num_samples=self.num_samples)
         check_seed(self.seed)
         self.split = check_split(self.split)
         return self
+
+
+@dataclass
+class Context:
+    """Where a command works, resolved once per command: the MNIST folder, the device, images
+    ``(N, 784)`` that replace the MNIST split read (tests), where messages go, and who hears of
+    progress ``(images done, images in all, run name)``."""
+
+    data_dir: str | Path | None = None
+    device: torch.device | str = "auto"
+    images: torch.Tensor | None = None
+    log: Callable[[str], None] = print
+    progress: Callable[[int, int, str], None] | None = None
+
+    def __post_init__(self) -> None:
+        if isinstance(self.device, str):
+            self.device = resolve_device(self.device)
+
+    def split_images(self, split: Split) -> torch.Tensor:
+        """The images ``(N, 784)`` of ``split``: ``images`` when given, else MNIST's."""
+        return self.images if self.images is not None else load_split(split, self.data_dir)[0]
+
+
+def with_options(kind: type, config: Any, context: Context | None, options: dict) -> tuple:
+    """A command's config (of ``kind``) and context, with ``options`` (fields of either, by name)
+    set on them: the keyword form of a call from Python (``evaluate_run(run, samples=10)``)."""
+    own = {f.name for f in fields(kind)}
+    mine = {k: options.pop(k) for k in list(options) if k in own}
+    config = replace(config, **mine) if config is not None else kind(**mine)
+    context = replace(context, **options) if context is not None else Context(**options)
+    return config, context

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Callable
 
@@ -21,9 +21,9 @@ import pyro
 import pyro.poutine as poutine
 import torch
 
-from .config import EvalConfig, require_at_least_one, resolve_device
-from .data import evaluation_masks, load_split, visible_input, whole_split_limit
-from .model import CVAE, Proposal, get_variant
+from .config import Context, EvalConfig, TrainConfig, require_at_least_one, with_options
+from .data import evaluation_masks, visible_input, whole_split_limit
+from .model import CVAE, Proposal, Variant, get_variant
 from .runs import Run, RunError, require_trained_runs
 
 
@@ -110,86 +110,89 @@ class Evaluation:
     path: str | None = None  # where it was saved
 
 
+def filed(config: EvalConfig, variant: Variant, split_size: int) -> EvalConfig:
+    """The options as a result of ``variant`` is filed under: S as drawn (one for the
+    deterministic baseline) and no limit where it covers the split's ``split_size`` images."""
+    samples = variant.importance_samples(config.samples)
+    return replace(config, samples=samples, limit=whole_split_limit(config.limit, split_size))
+
+
+def evaluation_inputs(
+    config: EvalConfig, run: TrainConfig, context: Context
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The images ``(N, 784)`` evaluated and their hidden masks ``(N, 784)``: masks fixed per
+    image index by the seed over the whole split, so that a limit takes a prefix of them."""
+    images = context.split_images(config.split)
+    hidden = evaluation_masks(len(images), run.mask, run.inputs, config.seed)
+    if config.limit is not None:
+        images, hidden = images[: config.limit], hidden[: config.limit]
+    return images.to(context.device), hidden.to(context.device)
+
+
 def evaluate_run(
     run_dir: str | Path,
-    samples: int = EvalConfig.samples,
-    split: str = EvalConfig.split.value,
-    limit: int | None = EvalConfig.limit,
-    batch_size: int = EvalConfig.batch_size,
-    seed: int = EvalConfig.seed,
-    data_dir: str | Path | None = None,
-    device: str | torch.device = "auto",
-    images: torch.Tensor | None = None,
-    log: Callable[[str], None] = print,
-    progress: Callable[[int, int], None] | None = None,
+    config: EvalConfig | None = None,
+    context: Context | None = None,
+    **options,
 ) -> Evaluation:
     """Evaluate a trained run and write its results file (one per split, S, image count and
-    seed). ``images`` ``(N, 784)`` replaces the MNIST split; ``progress`` is told (images done,
-    images in all) as the work goes. A result that cannot be saved is a ``RunError`` whose
-    message holds the NCLL."""
-    split = (
-        EvalConfig(samples=samples, split=split, limit=limit, batch_size=batch_size, seed=seed)
-        .validate()
-        .split.value
-    )
-    device = resolve_device(device) if isinstance(device, str) else device
-    run = Run(run_dir)
-    cvae, config, checkpoint = run.load(device, log)
-    if checkpoint["epoch"] < config.epochs:
-        log(f"note: {run.path} is trained for {checkpoint['epoch']} of {config.epochs} epochs.")
-    if images is None:
-        images, _ = load_split(split, data_dir)
-    limit = whole_split_limit(limit, len(images))
-    # masks fixed per image index by the seed over the whole split, so --limit takes a prefix of them
-    hidden = evaluation_masks(len(images), config.mask, config.inputs, seed)
-    if limit is not None:
-        images, hidden = images[:limit], hidden[:limit]
+    seed). ``options``: fields of ``EvalConfig`` or ``Context`` by name (``samples=10``). A
+    result that cannot be saved is a ``RunError`` whose message holds the NCLL."""
+    config, context = with_options(EvalConfig, config, context, options)
+    run, log = Run(run_dir), context.log
+    cvae, trained, checkpoint = run.load(context.device, log)
+    if checkpoint["epoch"] < trained.epochs:
+        log(f"note: {run.path} is trained for {checkpoint['epoch']} of {trained.epochs} epochs.")
+    context = replace(context, images=context.split_images(config.split))  # read once
+    config = filed(config, cvae.variant, len(context.images))
+    images, hidden = evaluation_inputs(config, trained, context)
     _, proposal = cvae.proposal()
     if proposal is Proposal.prior:
         log("note: this run has no recognition net: the prior p(z|x) is the importance proposal.")
-    pyro.set_rng_seed(seed)
+    pyro.set_rng_seed(config.seed)
     started = time.perf_counter()
-    report = None if progress is None else lambda done: progress(done, len(images))
+    progress = context.progress
+    report = None if progress is None else lambda done: progress(done, len(images), run.path.name)
     ncll, ess = ncll_per_image(
-        cvae, images.to(device), hidden.to(device), samples, image_batch=batch_size, progress=report
+        cvae, images, hidden, config.samples, image_batch=config.batch_size, progress=report
     )
-    seconds = time.perf_counter() - started
     result = Evaluation(
         run_dir=str(run.path),
-        variant=config.variant,
+        variant=trained.variant,
         epochs=int(checkpoint["epoch"]),
-        split=split,
-        mask=config.mask.value,
-        inputs=config.inputs,
-        samples=cvae.variant.importance_samples(samples),
+        split=config.split.value,
+        mask=trained.mask.value,
+        inputs=trained.inputs,
+        samples=config.samples,
         images=len(ncll),
         ncll=ncll.mean().item(),
         ncll_se=(ncll.std() / math.sqrt(len(ncll))).item() if len(ncll) > 1 else float("nan"),
         ess_mean=ess.mean().item(),
         proposal=proposal.value,
-        seed=seed,
-        seconds=round(seconds, 2),
+        seed=config.seed,
+        seconds=round(time.perf_counter() - started, 2),
         step=int(checkpoint["step"]),
         run_id=checkpoint.get("run_id"),
     )
     record = asdict(result)
     del record["path"]
     try:
-        result.path = str(run.write_evaluation(record, limit))
+        result.path = str(run.write_evaluation(record, config.limit))
     except OSError as e:
         raise RunError(
-            f"NCLL {result.ncll:.3f} ± {result.ncll_se:.3f} ({result.images} {split} images, S={result.samples}) "
-            f"could not be saved in {run.path} ({type(e).__name__}: {e}); free space or fix its permissions "
-            "and evaluate again."
+            f"NCLL {result.ncll:.3f} ± {result.ncll_se:.3f} ({result.images} {result.split} "
+            f"images, S={result.samples}) could not be saved in {run.path} "
+            f"({type(e).__name__}: {e}); free space or fix its permissions and evaluate again."
         ) from None
     return result
 
 
-def saved_evaluation(
-    run_dir: str | Path, split: str, samples: int, limit: int | None, seed: int
-) -> Evaluation | None:
-    """The run's saved evaluation with these options (S as drawn), if it is of its present weights."""
-    record = Run(run_dir).current_evaluation(split, samples, limit, seed)
+def saved_evaluation(run_dir: str | Path, config: EvalConfig) -> Evaluation | None:
+    """The run's saved evaluation under these options (``filed``), if it is of its present
+    weights."""
+    record = Run(run_dir).current_evaluation(
+        config.split.value, config.samples, config.limit, config.seed
+    )
     try:
         return Evaluation(**record) if record is not None else None
     except TypeError:  # a record of another shape
@@ -198,63 +201,38 @@ def saved_evaluation(
 
 def evaluate_runs(
     runs_dir: str | Path,
-    samples: int = EvalConfig.samples,
-    split: str = EvalConfig.split.value,
-    limit: int | None = EvalConfig.limit,
-    batch_size: int = EvalConfig.batch_size,
-    seed: int = EvalConfig.seed,
+    config: EvalConfig | None = None,
+    context: Context | None = None,
     force: bool = False,
-    data_dir: str | Path | None = None,
-    device: str | torch.device = "auto",
-    images: torch.Tensor | None = None,
-    log: Callable[[str], None] = print,
-    progress: Callable[[int, int, str], None] | None = None,
+    **options,
 ) -> list[tuple[Evaluation, bool]]:
     """Evaluate every trained run in ``runs_dir`` (``runs.trained_runs``), reusing a saved
     evaluation that is still current unless ``force``: (evaluation, whether it was reused) per
-    run. ``progress`` is told (images done, images in all, run name) over all the runs to do."""
-    split = (
-        EvalConfig(samples=samples, split=split, limit=limit, batch_size=batch_size, seed=seed)
-        .validate()
-        .split.value
-    )
+    run. ``context.progress`` is told (images done, images in all, run name) over all the runs
+    to do; ``options`` as for ``evaluate_run``."""
+    config, context = with_options(EvalConfig, config, context, options)
     runs = require_trained_runs(runs_dir)
-    if images is None:
-        images, _ = load_split(split, data_dir)
-    limit = whole_split_limit(limit, len(images))  # as evaluate_run names it
-    count = limit if limit is not None else len(images)
+    context = replace(context, images=context.split_images(config.split))  # read once for all
+    size = len(context.images)
+    configs = {d: filed(config, get_variant(trained.variant), size) for d, trained in runs}
     results: dict[Path, tuple[Evaluation, bool]] = {}
-    for run_dir, config in runs:
-        saved = (
-            None
-            if force
-            else saved_evaluation(
-                run_dir, split, get_variant(config.variant).importance_samples(samples), limit, seed
-            )
-        )
+    for run_dir, run_config in configs.items():
+        saved = None if force else saved_evaluation(run_dir, run_config)
         if saved is not None:
             results[run_dir] = (saved, True)
     to_do = [run_dir for run_dir, _ in runs if run_dir not in results]
+    count = min(config.limit or size, size)  # images per run
     for k, run_dir in enumerate(to_do):
+        report = None
+        if context.progress is not None:
 
-        def report(done: int, _: int, before: int = k * count, name: str = run_dir.name) -> None:
-            progress(before + done, len(to_do) * count, name)
+            def report(done: int, _all: int, name: str, before: int = k * count) -> None:
+                context.progress(before + done, len(to_do) * count, name)
 
-        result = evaluate_run(
-            run_dir,
-            samples=samples,
-            split=split,
-            limit=limit,
-            batch_size=batch_size,
-            seed=seed,
-            device=device,
-            images=images,
-            log=log,
-            progress=report if progress else None,
-        )
-        log(
-            f"{run_dir.name}: NCLL {result.ncll:.3f} ± {result.ncll_se:.3f} on {result.images} {split} images "
-            f"({result.seconds:.1f} s)"
+        result = evaluate_run(run_dir, configs[run_dir], replace(context, progress=report))
+        context.log(
+            f"{run_dir.name}: NCLL {result.ncll:.3f} ± {result.ncll_se:.3f} on {result.images} "
+            f"{result.split} images ({result.seconds:.1f} s)"
         )
         results[run_dir] = (result, False)
     return [results[run_dir] for run_dir, _ in runs]

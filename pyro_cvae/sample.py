@@ -25,8 +25,8 @@ from matplotlib.lines import Line2D
 from matplotlib.textpath import TextPath
 from torchvision.utils import make_grid
 
-from .config import SampleConfig, require_at_least_one, resolve_device
-from .data import SIDE, Mask, evaluation_masks, load_split, visible_input
+from .config import Context, SampleConfig, require_at_least_one, with_options
+from .data import SIDE, Mask, evaluation_masks, visible_input
 from .model import CVAE, Baseline, hidden_pixels
 from .plots import DPI, save_png
 from .runs import Run, baseline_run_dir, comparison_path, require_trained_runs
@@ -151,18 +151,16 @@ def render_grid(
     return fig
 
 
-def _first_images(
-    split: str, num_images: int, data_dir, images: torch.Tensor | None
-) -> tuple[torch.Tensor, int]:
-    """The first ``num_images`` images ``(num_images, 784)`` of ``split`` (or of ``images``, in
-    tests) and the size of the split, over which evaluation draws its masks."""
-    if images is None:
-        images, _ = load_split(split, data_dir)
-    if num_images > len(images):
+def _first_images(config: SampleConfig, context: Context) -> tuple[torch.Tensor, int]:
+    """The first ``num_images`` images ``(num_images, 784)`` of the split, on the device, and the
+    size of the split, over which evaluation draws its masks."""
+    images = context.split_images(config.split)
+    if config.num_images > len(images):
         raise ValueError(
-            f"--num-images is {num_images} but the {split} split has {len(images)} images; ask for fewer."
+            f"--num-images is {config.num_images} but the {config.split.value} split has "
+            f"{len(images)} images; ask for fewer."
         )
-    return images[:num_images], len(images)
+    return images[: config.num_images].to(context.device), len(images)
 
 
 def _masks_text(mask: Mask, inputs: int | None) -> str:
@@ -171,112 +169,104 @@ def _masks_text(mask: Mask, inputs: int | None) -> str:
 
 def sample_grid(
     run_dir: str | Path,
-    num_images: int = SampleConfig.num_images,
-    num_samples: int = SampleConfig.num_samples,
-    split: str = SampleConfig.split.value,
-    seed: int = SampleConfig.seed,
+    config: SampleConfig | None = None,
+    context: Context | None = None,
     out: str | Path | None = None,
     runs_dir: str | Path | None = None,
-    data_dir: str | Path | None = None,
-    device: str | torch.device = "cpu",
-    images: torch.Tensor | None = None,
+    **options,
 ) -> Path:
     """Write the sample grid of a run (see the module docstring) and return its path.
 
-    Images are the first ``num_images`` of ``split`` with the masks evaluation uses (fixed per
-    image index by ``seed``); z draws are seeded by ``seed`` too, so the file is reproducible.
+    Images are the first ``num_images`` of the split with the masks evaluation uses (fixed per
+    image index by the seed); z draws are seeded by the seed too, so the file is reproducible.
     The baseline row comes from the run, else from a finished ``baseline`` run of the same
     masks in ``runs_dir`` (default: the folder holding ``run_dir``). A deterministic run (the
     ``baseline`` variant) has no z to sample: its grid stops after its baseline row.
-    ``images`` ``(N, 784)`` replaces the MNIST split (tests). Default output: the run's
-    ``Run.samples_path``."""
-    split = SampleConfig(num_images, num_samples, split, seed).validate().split.value
-    device = resolve_device(device) if isinstance(device, str) else device
+    ``options``: fields of ``SampleConfig`` or ``Context`` by name (device: cpu unless given).
+    Default output: the run's ``Run.samples_path``."""
+    if context is None:
+        options.setdefault("device", "cpu")
+    config, context = with_options(SampleConfig, config, context, options)
+    device, seed, num_images = context.device, config.seed, config.num_images
     run = Run(run_dir)
-    run_dir = run.path
-    cvae, config, checkpoint = run.load(device)
+    cvae, trained, checkpoint = run.load(device)
     cvae.eval()
-    images, split_size = _first_images(split, num_images, data_dir, images)
+    images, split_size = _first_images(config, context)
     # masks fixed per image index over the whole split, as evaluation draws them
-    hidden = evaluation_masks(split_size, config.mask, config.inputs, seed)[:num_images].to(device)
-    images = images.to(device)
+    hidden = evaluation_masks(split_size, trained.mask, trained.inputs, seed)[:num_images]
+    hidden = hidden.to(device)
 
     rows, labels = [images, images], ["input", "truth"]
-    runs_dir = Path(runs_dir) if runs_dir is not None else run_dir.parent
-    baseline = baseline_row(cvae, images, hidden, baseline_run_dir(runs_dir, config), device)
+    runs_dir = Path(runs_dir) if runs_dir is not None else run.path.parent
+    baseline = baseline_row(cvae, images, hidden, baseline_run_dir(runs_dir, trained), device)
     if baseline is not None:
         labels.append(baseline[0])
         rows.append(baseline[1])
     if not cvae.deterministic:
         pyro.set_rng_seed(seed)  # z draws as in the picture comparing runs
-        samples = completions(cvae, images, hidden, num_samples)
-        rows.extend(samples)
-        labels.extend(f"sample {k + 1}" for k in range(num_samples))
+        rows.extend(completions(cvae, images, hidden, config.num_samples))
+        labels.extend(f"sample {k + 1}" for k in range(config.num_samples))
 
-    masks = _masks_text(config.mask, config.inputs)
-    name = run_dir.name if run_dir.name == config.variant else f"{run_dir.name} ({config.variant})"
-    drawn = (
-        "pixel probabilities"
-        if cvae.deterministic
-        else "pixel probabilities, z from the prior p(z|x)"
-    )
+    masks = _masks_text(trained.mask, trained.inputs)
+    name = run.path.name
+    name = name if name == trained.variant else f"{name} ({trained.variant})"
+    drawn = "pixel probabilities" + ("" if cvae.deterministic else ", z from the prior p(z|x)")
     title = (
-        f"{name}, epoch {checkpoint['epoch']}/{config.epochs}\n"
-        f"{split} images 0-{num_images - 1}, {masks}, seed {seed}\n{drawn}"
+        f"{name}, epoch {checkpoint['epoch']}/{trained.epochs}\n"
+        f"{config.split.value} images 0-{num_images - 1}, {masks}, seed {seed}\n{drawn}"
     )
     fig = render_grid(grid_tensor(rows, hidden), labels, title)
-    return save_png(fig, out if out is not None else run.samples_path(split))
+    return save_png(fig, out if out is not None else run.samples_path(config.split.value))
 
 
 def compare_runs(
     runs_dir: str | Path = "runs",
-    num_images: int = SampleConfig.num_images,
-    num_samples: int = 3,
-    split: str = SampleConfig.split.value,
-    seed: int = SampleConfig.seed,
+    config: SampleConfig | None = None,
+    context: Context | None = None,
     out: str | Path | None = None,
-    data_dir: str | Path | None = None,
-    device: str | torch.device = "cpu",
-    images: torch.Tensor | None = None,
+    **options,
 ) -> list[Path]:
     """One picture comparing every trained run in ``runs_dir`` on the same digits: the input and
     truth rows, then a labelled block per run (one row for a deterministic run, ``num_samples``
-    completions for a CVAE), z draws seeded by ``seed`` for each run alike. Runs on different
-    masks cannot share inputs: a picture per masking protocol, in ``runs_dir`` (``runs.comparison_path``;
-    ``out`` replaces the path when there is one protocol). Returns the paths written."""
-    split = SampleConfig(num_images, num_samples, split, seed).validate().split.value
-    device = resolve_device(device) if isinstance(device, str) else device
+    completions for a CVAE, 3 unless given), z draws seeded alike for each run. Runs on
+    different masks cannot share inputs: a picture per masking protocol, in ``runs_dir``
+    (``runs.comparison_path``; ``out`` replaces the path when there is one protocol). Returns
+    the paths written; ``options`` as for ``sample_grid``."""
+    if config is None:
+        options.setdefault("num_samples", 3)
+    if context is None:
+        options.setdefault("device", "cpu")
+    config, context = with_options(SampleConfig, config, context, options)
+    device, seed, num_images = context.device, config.seed, config.num_images
     runs_dir = Path(runs_dir)
     groups: dict[tuple[Mask, int | None], list[Path]] = {}
-    for run_dir, config in require_trained_runs(runs_dir):
-        groups.setdefault((config.mask, config.inputs), []).append(run_dir)
+    for run_dir, trained in require_trained_runs(runs_dir):
+        groups.setdefault((trained.mask, trained.inputs), []).append(run_dir)
     if out is not None and len(groups) > 1:
         raise ValueError(
-            f"--out names one picture, but the runs in {runs_dir} use {len(groups)} masking protocols "
-            "(a picture each); leave --out out or name a run with --variant."
+            f"--out names one picture, but the runs in {runs_dir} use {len(groups)} masking "
+            "protocols (a picture each); leave --out out or name a run with --variant."
         )
-    images, split_size = _first_images(split, num_images, data_dir, images)
-    images = images.to(device)
+    images, split_size = _first_images(config, context)
+    split = config.split.value
     written = []
     for (mask, inputs), run_dirs in groups.items():
         hidden = evaluation_masks(split_size, mask, inputs, seed)[:num_images].to(device)
         rows, labels = [images, images], ["input", "truth"]
         for run_dir in run_dirs:
-            cvae, config, checkpoint = Run(run_dir).load(device)
+            cvae, trained, checkpoint = Run(run_dir).load(device)
             pyro.set_rng_seed(seed)  # each run draws as it would alone
-            completed = completions(cvae.eval(), images, hidden, num_samples)
+            completed = completions(cvae.eval(), images, hidden, config.num_samples)
             rows.extend(completed)
             labels.append(
-                (f"{run_dir.name}\nepoch {checkpoint['epoch']}/{config.epochs}", len(completed))
+                (f"{run_dir.name}\nepoch {checkpoint['epoch']}/{trained.epochs}", len(completed))
             )
         title = (
-            f"trained runs in {runs_dir}\n{split} images 0-{num_images - 1}, {_masks_text(mask, inputs)}, "
-            f"seed {seed}\npixel probabilities; a CVAE's rows: {num_samples} draws of z from the prior p(z|x)"
+            f"trained runs in {runs_dir}\n{split} images 0-{num_images - 1}, "
+            f"{_masks_text(mask, inputs)}, seed {seed}\npixel probabilities; a CVAE's rows: "
+            f"{config.num_samples} draws of z from the prior p(z|x)"
         )
         fig = render_grid(grid_tensor(rows, hidden), labels, title, separate=True)
-        written.append(
-            save_png(
-                fig, out if out is not None else comparison_path(runs_dir, split, mask, inputs)
-            )
-        )
+        path = out if out is not None else comparison_path(runs_dir, split, mask, inputs)
+        written.append(save_png(fig, path))
     return written

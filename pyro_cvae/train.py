@@ -89,7 +89,6 @@ def train(
 
     The run is locked while it trains. Nothing of what it held before changes until the new run
     has its data and baseline and writes its first checkpoint (``--force`` included)."""
-    config.validate()
     device = resolve_device(device) if isinstance(device, str) else device
     if run_dir is None:
         runs_dir = Path(runs_dir if runs_dir is not None else "runs")
