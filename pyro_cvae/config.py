@@ -306,6 +306,8 @@ def with_options(kind: type, config: Any, context: Context | None, options: dict
     set on them: the keyword form of a call from Python (``evaluate_run(run, samples=10)``)."""
     own = {f.name for f in fields(kind)}
     mine = {k: options.pop(k) for k in list(options) if k in own}
-    config = replace(config, **mine) if config is not None else kind(**mine)
-    context = replace(context, **options) if context is not None else Context(**options)
+    if config is None or mine:  # a config given whole is used as it is (checked already)
+        config = kind(**mine) if config is None else replace(config, **mine)
+    if context is None or options:
+        context = Context(**options) if context is None else replace(context, **options)
     return config, context

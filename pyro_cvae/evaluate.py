@@ -67,6 +67,11 @@ def ncll_per_image(
     images done after each chunk."""
     require_at_least_one(samples=samples)
     samples = cvae.variant.importance_samples(samples)
+    return _ncll_drawn(cvae, images, hidden, samples, image_batch, max_rows, progress)
+
+
+def _ncll_drawn(cvae, images, hidden, samples, image_batch, max_rows=5_000, progress=None):
+    """``ncll_per_image`` with ``samples`` the S drawn."""
     ncll, ess = [], []
     for start in range(0, len(images), image_batch):
         y = images[start : start + image_batch]
@@ -139,12 +144,18 @@ def evaluate_run(
     seed). ``options``: fields of ``EvalConfig`` or ``Context`` by name (``samples=10``). A
     result that cannot be saved is a ``RunError`` whose message holds the NCLL."""
     config, context = with_options(EvalConfig, config, context, options)
-    run, log = Run(run_dir), context.log
-    cvae, trained, checkpoint = run.load(context.device, log)
+    run = Run(run_dir)
+    loaded = run.load(context.device, context.log)
+    context = replace(context, images=context.split_images(config.split))  # read once
+    return _evaluate(run, loaded, filed(config, loaded[0].variant, len(context.images)), context)
+
+
+def _evaluate(run: Run, loaded: tuple, config: EvalConfig, context: Context) -> Evaluation:
+    """``evaluate_run`` on a loaded run (model, config, checkpoint), ``config`` as ``filed``
+    and ``context`` holding the split's images."""
+    (cvae, trained, checkpoint), log = loaded, context.log
     if checkpoint["epoch"] < trained.epochs:
         log(f"note: {run.path} is trained for {checkpoint['epoch']} of {trained.epochs} epochs.")
-    context = replace(context, images=context.split_images(config.split))  # read once
-    config = filed(config, cvae.variant, len(context.images))
     images, hidden = evaluation_inputs(config, trained, context)
     _, proposal = cvae.proposal()
     if proposal is Proposal.prior:
@@ -153,8 +164,8 @@ def evaluate_run(
     started = time.perf_counter()
     progress = context.progress
     report = None if progress is None else lambda done: progress(done, len(images), run.path.name)
-    ncll, ess = ncll_per_image(
-        cvae, images, hidden, config.samples, image_batch=config.batch_size, progress=report
+    ncll, ess = _ncll_drawn(
+        cvae, images, hidden, config.samples, config.batch_size, progress=report
     )
     result = Evaluation(
         run_dir=str(run.path),
@@ -229,7 +240,9 @@ def evaluate_runs(
             def report(done: int, _all: int, name: str, before: int = k * count) -> None:
                 context.progress(before + done, len(to_do) * count, name)
 
-        result = evaluate_run(run_dir, configs[run_dir], replace(context, progress=report))
+        run = Run(run_dir)
+        loaded = run.load(context.device, context.log)
+        result = _evaluate(run, loaded, configs[run_dir], replace(context, progress=report))
         context.log(
             f"{run_dir.name}: NCLL {result.ncll:.3f} ± {result.ncll_se:.3f} on {result.images} "
             f"{result.split} images ({result.seconds:.1f} s)"
