@@ -235,10 +235,12 @@ def train(
     log: Callable[[str], None] = print,
     progress: bool = True,
     images: torch.Tensor | None = None,
+    on_checkpoint: Callable[[dict], None] | None = None,
 ) -> TrainResult:
     """Train (or resume) one run in ``run_dir`` (default ``runs_dir/<variant>``). A pretrained
     baseline is looked up in (or trained into) ``runs_dir``, by default the folder holding the
-    run. ``images`` ``(N, 784)`` replaces the MNIST training split (tests).
+    run. ``images`` ``(N, 784)`` replaces the MNIST training split (tests, a sweep's workers).
+    ``on_checkpoint`` is handed every checkpoint once it is saved (a sweep ships it to its driver).
 
     The run is locked while it trains. Nothing of what it held before changes until the new run
     has its data and baseline and writes its first checkpoint (``--force`` included)."""
@@ -283,7 +285,9 @@ def train(
         pretrained = None
         if checkpoint is None and get_variant(config.variant).pretrained:
             pretrained = _pretrained_baseline(config, runs_dir, device, data_dir, log, progress)
-        return _train_loop(config, run, checkpoint, images, pretrained, device, log, progress)
+        return _train_loop(
+            config, run, checkpoint, images, pretrained, device, log, progress, on_checkpoint
+        )
 
 
 def _pretrained_baseline(
@@ -342,6 +346,7 @@ def _train_loop(
     device: torch.device,
     log: Callable[[str], None],
     progress: bool,
+    on_checkpoint: Callable[[dict], None] | None = None,
 ) -> TrainResult:
     """The optimisation loop, from ``checkpoint`` (a resumed run) or from scratch, saving a
     checkpoint, with the epoch's metrics record, at the end of every epoch and on Ctrl-C."""
@@ -387,6 +392,8 @@ def _train_loop(
             state["cuda_rng"] = torch.cuda.get_rng_state()
         run.write_checkpoint(state)
         saved_step = step
+        if on_checkpoint is not None:
+            on_checkpoint(state)
 
     per_epoch = steps_per_epoch(len(images), config.batch_size)
     total = per_epoch * config.epochs

@@ -56,7 +56,7 @@ def test_reproduce_trains_evaluates_and_writes_the_table(tmp_path, mnist_dir):
     assert by_run["baseline"]["test"]["samples"] == 1 and by_run["cvae"]["test"]["samples"] == 2
     table = (runs / "results.md").read_text()
     assert "| cvae | 1 |" in table and "72.255" in table
-    assert all(line.count("|") == 10 for line in table.splitlines() if line.startswith("|"))
+    assert all(line.count("|") == 11 for line in table.splitlines() if line.startswith("|"))
     # a second invocation trains and evaluates nothing again
     stamp = (runs / "cvae" / "checkpoint.pt").stat().st_mtime_ns
     second = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=ENV)
