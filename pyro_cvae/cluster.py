@@ -257,7 +257,8 @@ def job_task(
                 re_evaluate=re_evaluate,
                 device=device,
                 images=images,
-                log=lambda line: hand("log", line, wait=False),
+                # named as the driver names them, not by this worker's scratch folders
+                log=lambda line: hand("log", _as_driver(line, run, job, baseline), wait=False),
                 on_checkpoint=lambda state: hand("checkpoint", state),
                 on_evaluation=lambda record, limit: hand("evaluation", (record, limit)),
             )
@@ -270,6 +271,11 @@ def job_task(
         return out, (run.read_checkpoint() if gives_baseline else None)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
+
+
+def _as_driver(line: str, run: Run, job: Job, baseline: Path | None) -> str:
+    line = line.replace(str(run.path), str(job.run_dir))
+    return line.replace(str(baseline), str(job.baseline)) if baseline is not None else line
 
 
 # ---------------------------------------------------------------------------------------------
