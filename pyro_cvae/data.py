@@ -251,8 +251,19 @@ def load_split(
     labels, _ = read_idx(find_file(root, label_stem), label_stem)
     if limit is not None:
         images, labels = images[:limit], labels[:limit]
-    images = torch.from_numpy(images.reshape(-1, PIXELS).astype(np.float32) / 255.0)
-    return images, torch.from_numpy(labels.astype(np.int64))
+    return images_from_pixels(images), torch.from_numpy(labels.astype(np.int64))
+
+
+def split_pixels(split: str, data_dir: str | Path | None = None) -> np.ndarray:
+    """The verified uint8 pixels ``(N, 28, 28)`` of one split: a quarter of the float images'
+    size, for shipping to a sweep's workers (``images_from_pixels`` turns them into images)."""
+    image_stem = SPLIT_FILES[split][0]
+    return read_idx(find_file(locate(data_dir), image_stem), image_stem)[0]
+
+
+def images_from_pixels(pixels: np.ndarray) -> torch.Tensor:
+    """Images ``(N, 784)`` float32 in [0, 1] from uint8 pixels, exactly as ``load_split`` gives them."""
+    return torch.from_numpy(pixels.reshape(-1, PIXELS).astype(np.float32) / 255.0)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -82,10 +82,12 @@ def train(
     log: Callable[[str], None] = print,
     progress: bool = True,
     images: torch.Tensor | None = None,
+    on_checkpoint: Callable[[dict], None] | None = None,
 ) -> TrainResult:
     """Train (or resume) one run in ``run_dir`` (default ``runs_dir/<variant>``). A pretrained
     baseline is looked up in (or trained into) ``runs_dir``, by default the folder holding the
-    run. ``images`` ``(N, 784)`` replaces the MNIST training split (tests).
+    run. ``images`` ``(N, 784)`` replaces the MNIST training split (tests, a sweep's workers).
+    ``on_checkpoint`` is handed every checkpoint once it is saved (a sweep ships it to its driver).
 
     The run is locked while it trains. Nothing of what it held before changes until the new run
     has its data and baseline and writes its first checkpoint (``--force`` included)."""
@@ -129,7 +131,9 @@ def train(
         pretrained = None
         if checkpoint is None and get_variant(config.variant).pretrained:
             pretrained = _pretrained_baseline(config, runs_dir, device, data_dir, log, progress)
-        return _train_loop(config, run, checkpoint, images, pretrained, device, log, progress)
+        return _train_loop(
+            config, run, checkpoint, images, pretrained, device, log, progress, on_checkpoint
+        )
 
 
 def _pretrained_baseline(
@@ -188,10 +192,12 @@ def _train_loop(
     device: torch.device,
     log: Callable[[str], None],
     progress: bool,
+    on_checkpoint: Callable[[dict], None] | None = None,
 ) -> TrainResult:
     """The optimisation loop, from ``checkpoint`` (a resumed run) or from scratch, saving a
     checkpoint, with the epoch's metrics record, at the end of every epoch and on Ctrl-C."""
     training = _Training.start(config, run, checkpoint, pretrained, device, log)
+    training.on_checkpoint = on_checkpoint
     total = steps_per_epoch(len(images), config.batch_size) * config.epochs
     started = time.perf_counter()
     status = Status.finished
@@ -307,6 +313,7 @@ class _Training:
     partial: dict | None = None
     saved_step: int | None = None
     tally: _Tally = field(default_factory=_Tally)
+    on_checkpoint: Callable[[dict], None] | None = None  # handed each checkpoint once it is saved
 
     @classmethod
     def start(
@@ -411,6 +418,8 @@ class _Training:
         if self.device.type == "cuda":
             state["cuda_rng"] = torch.cuda.get_rng_state()
         self.run.write_checkpoint(state)
+        if self.on_checkpoint is not None:
+            self.on_checkpoint(state)
         self.saved_step = self.step
 
     def kept(self) -> str:

@@ -14,6 +14,11 @@ on training images). With ``--seeds``, every chosen variant is trained once per 
 seeded 0, so every run is measured on the same inputs), and the table adds each variant's mean
 and standard deviation over its seeds. Writes ``results.md`` and ``results.json`` in the runs
 directory.
+
+With ``--address`` (``auto``, ``HOST:6379`` or ``ray://HOST:10001``) the jobs run as tasks on a
+Ray cluster instead (``pip install -e '.[cluster]'``; see ``pyro_cvae.cluster``); the runs
+directory stays on this machine. SIGTERM, SIGHUP and Ctrl-C are passed on to the running jobs,
+which stop after their step and save a checkpoint: the same command resumes them.
 """
 
 from __future__ import annotations
@@ -22,20 +27,21 @@ import argparse
 import json
 import multiprocessing
 import os
+import signal
 import statistics
 import sys
 import time
-import traceback
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from pathlib import Path
 
 from pyro_cvae.atomic import atomic_write_text
 from pyro_cvae.config import Mask, TrainConfig
-from pyro_cvae.console import Progress, console
+from pyro_cvae.console import Progress, console, errors
 from pyro_cvae.data import split_size, whole_split_limit
 from pyro_cvae.model import VARIANTS, get_variant
 from pyro_cvae.references import reference_for
 from pyro_cvae.runs import Run, baseline_run_dir, default_run_dir, run_name
+from pyro_cvae.sweep import Job, pool_worker_start, run_logged
 
 # longest first, so that two workers finish close together; the baseline first, others depend on it
 ORDER = [
@@ -52,73 +58,6 @@ ORDER = [
     "no-baseline",
     "unconditioned-prior",
 ]
-
-
-def run_one(
-    config: dict,
-    run_dir: str,
-    runs_dir: str,
-    data_dir: str | None,
-    evaluations: list[dict],
-    threads: int,
-    re_evaluate: bool,
-) -> dict:
-    """Train (unless finished) and evaluate one run, in a worker process with its own thread count."""
-    import torch
-
-    torch.set_num_threads(threads)
-    from pyro_cvae.evaluate import evaluate_run
-    from pyro_cvae.train import Status, train
-
-    run = Run(run_dir)
-    run_dir = run.path
-    run_dir.mkdir(parents=True, exist_ok=True)
-    log_file = open(run.sweep_log_path, "a")
-
-    def log(msg: str) -> None:
-        log_file.write(msg + "\n")
-        log_file.flush()
-
-    out = {"run_dir": str(run_dir), "evaluations": []}
-    try:
-        result = train(
-            TrainConfig.from_dict(config),
-            run_dir=run_dir,
-            runs_dir=runs_dir,
-            data_dir=data_dir,
-            device="cpu",
-            log=log,
-            progress=False,
-        )
-        out["train_status"] = result.status.value
-        if result.status is Status.interrupted:
-            raise RuntimeError("training was interrupted; run the same command to resume")
-        variant = get_variant(config["variant"])
-        for ev in evaluations:
-            saved = run.current_evaluation(
-                ev["split"], variant.importance_samples(ev["samples"]), ev["limit"]
-            )
-            if saved is not None and not re_evaluate:
-                out["evaluations"].append(saved)
-                continue
-            r = evaluate_run(
-                run_dir,
-                samples=ev["samples"],
-                split=ev["split"],
-                limit=ev["limit"],
-                data_dir=data_dir,
-                device="cpu",
-                log=log,
-            )
-            out["evaluations"].append(r.__dict__)
-            log(
-                f"evaluated {ev['split']}: NCLL {r.ncll:.3f} ± {r.ncll_se:.3f} in {r.seconds:.1f} s"
-            )
-    except Exception as e:  # reported in the table; the sweep goes on with the other runs
-        log(traceback.format_exc())
-        out["error"] = f"{type(e).__name__}: {e}"
-    log_file.close()
-    return out
 
 
 def _epochs_done(run_dir: Path) -> int:
@@ -143,8 +82,8 @@ def write_results(
         f"Wall time of this invocation: {wall / 60:.1f} min on {os.cpu_count()} CPU cores.",
         "",
         f"| run | epochs | NCLL test ± SE | NCLL train (first 10k) ± SE | {reference} | {compare} − reference "
-        "| ESS test | train time | ms/step |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+        "| ESS test | train time | ms/step | ran on |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for r in rows:
         test, tr, ref = r.get("test"), r.get("train"), r.get("reference_ncll")
@@ -155,7 +94,8 @@ def write_results(
         error = f" ({r['error']})" if "error" in r else ""
         lines.append(
             f"| {r['run']}{error} | {r['epochs']} | {fmt(test)} | {fmt(tr)} | {ref if ref is not None else '-'} | "
-            f"{diff} | {ess} | {r['train_seconds'] / 60:.1f} min | {r['ms_per_step']:.1f} |"
+            f"{diff} | {ess} | {r['train_seconds'] / 60:.1f} min | {r['ms_per_step']:.1f} | "
+            f"{', '.join(r.get('ran_on') or []) or 'earlier'} |"
         )
     summary = seed_summary(rows)
     if summary:
@@ -211,7 +151,137 @@ def seed_summary(rows: list[dict]) -> list[dict]:
     return summary
 
 
-def main(argv: list[str] | None = None) -> int:
+def plan(args: argparse.Namespace) -> list[Job]:
+    """The sweep's jobs, each baseline before the jobs that start from it."""
+    jobs: list[Job] = []
+    for seed in dict.fromkeys(args.seeds):
+        for inputs in args.inputs:
+            for name in sorted(
+                args.variants, key=lambda v: ORDER.index(v) if v in ORDER else len(ORDER)
+            ):
+                config = TrainConfig(
+                    variant=name,
+                    epochs=args.epochs,
+                    mask=Mask(args.mask),
+                    inputs=inputs if args.mask == "fixed" else None,
+                    limit=args.limit,
+                    seed=seed,
+                )
+                baseline = (
+                    baseline_run_dir(args.runs_dir, config)
+                    if get_variant(name).pretrained
+                    else None
+                )
+                run_dir = default_run_dir(args.runs_dir, config)
+                jobs.append(Job(run_dir.name, config, run_dir, baseline))
+    # a variant that needs the pretrained baseline waits for it (trained here even when not asked for)
+    for job in list(jobs):
+        if job.baseline is not None and job.baseline not in [j.run_dir for j in jobs]:
+            jobs.insert(0, Job(job.baseline.name, job.config.baseline(), job.baseline))
+    return jobs
+
+
+def run_here(
+    jobs: list[Job], args: argparse.Namespace, evaluations: list[dict]
+) -> tuple[dict[str, dict], int | None]:
+    """Run the jobs in a pool of ``--jobs`` processes of this machine. Returns each job's
+    result by name, and the signal that stopped the sweep (None: it ran to the end)."""
+    results: dict[str, dict] = {}
+    pending = list(jobs)
+    running: dict = {}  # future -> job
+    stopped: list[int] = []
+
+    def stop(signum, frame) -> None:
+        if stopped:  # a second signal: stop now, the last epoch's checkpoints are kept
+            raise KeyboardInterrupt
+        stopped.append(signum)
+        for worker in multiprocessing.active_children():  # each stops after its step and saves
+            os.kill(worker.pid, signal.SIGINT)
+
+    def status() -> str:
+        epochs = ", ".join(
+            f"{job.name} epoch {_epochs_done(job.run_dir)}/{job.config.epochs}"
+            for job in running.values()
+        )
+        return f"{len(results)}/{len(jobs)} runs done" + (f"; running {epochs}" if epochs else "")
+
+    def epochs_done() -> int:
+        return sum(min(_epochs_done(job.run_dir), job.config.epochs) for job in jobs)
+
+    kinds = [signal.SIGINT, signal.SIGTERM, signal.SIGHUP]
+    previous = {kind: signal.signal(kind, stop) for kind in kinds}
+    # a live bar on a terminal; in a log, a line every minute and one per run finished
+    try:
+        with Progress(
+            "reproduce",
+            total=sum(job.config.epochs for job in jobs),
+            completed=epochs_done(),
+            unit="epochs",
+        ) as progress:
+            with ProcessPoolExecutor(
+                max_workers=args.jobs,
+                mp_context=multiprocessing.get_context("spawn"),
+                initializer=pool_worker_start,
+            ) as pool:
+                while pending or running:
+                    done_dirs = {Path(r["run_dir"]) for r in results.values() if "error" not in r}
+                    for job in list(pending):
+                        if len(running) >= args.jobs or stopped:
+                            break
+                        if (
+                            job.baseline is None
+                            or job.baseline in done_dirs
+                            or Run(job.baseline).is_finished()
+                        ):
+                            pending.remove(job)
+                            fut = pool.submit(
+                                run_logged,
+                                job,
+                                str(args.runs_dir),
+                                args.data_dir,
+                                evaluations,
+                                args.threads,
+                                args.re_evaluate,
+                                args.device,
+                            )
+                            running[fut] = job
+                    finished, _ = wait(list(running), timeout=1, return_when=FIRST_COMPLETED)
+                    for fut in finished:
+                        job = running.pop(fut)
+                        results[job.name] = {**fut.result(), "ran_on": [_here()]}
+                        error = results[job.name].get("error")
+                        console.print(
+                            f"{job.name}: {'failed: ' + error if error else 'done'}",
+                            markup=False,
+                            highlight=False,
+                        )
+                    progress.update(epochs_done(), status(), milestone=bool(finished))
+                    if stopped and not running:
+                        break
+                    if not running and pending and not finished:
+                        # nothing runs and nothing can start: a dependency failed
+                        for job in pending:
+                            results[job.name] = {
+                                "run_dir": "",
+                                "error": "its pretrained baseline failed",
+                                "evaluations": [],
+                            }
+                        pending.clear()
+    finally:
+        for kind, handler in previous.items():
+            signal.signal(kind, handler)
+    return results, (stopped[0] if stopped else None)
+
+
+def _here() -> str:
+    import socket
+
+    return socket.gethostname()
+
+
+def main(argv: list[str] | None = None, on_saved=None) -> int:
+    """The command. ``on_saved``: with ``--address``, called after each checkpoint a worker
+    hands in is written, before the worker goes on (``cluster.run_on_ray``; tests)."""
     p = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
@@ -229,7 +299,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--mask", choices=["random", "fixed"], default="random")
     p.add_argument("--inputs", type=int, nargs="+", default=[1], choices=[1, 2, 3])
     p.add_argument("--jobs", type=int, default=2, help="runs at once, one thread each")
-    p.add_argument("--threads", type=int, default=1, help="threads per run")
+    p.add_argument("--threads", type=int, default=1, help="threads (CPUs) per run")
+    p.add_argument("--device", choices=["cpu", "cuda"], default="cpu", help="where each run trains")
+    p.add_argument(
+        "--address",
+        default=None,
+        help="run the jobs on the Ray cluster there: auto (started with `ray start` on this "
+        "machine), HOST:PORT or ray://HOST:10001; default: a pool of --jobs processes here",
+    )
     p.add_argument("--samples", type=int, default=100)
     p.add_argument(
         "--test-images", type=int, default=None, help="evaluate on the first N test images (all)"
@@ -248,8 +325,10 @@ def main(argv: list[str] | None = None) -> int:
         "--out", default=None, help="results file stem (default: results or results-fixed)"
     )
     args = p.parse_args(argv)
-    if args.epochs < 1 or args.jobs < 1 or args.samples < 1:
-        p.error("--epochs, --jobs and --samples must be at least 1")
+    problem = _option_problem(args)
+    if problem:
+        errors.print(f"error: {problem}", markup=False, highlight=False)
+        return 2
 
     command = "python scripts/reproduce.py " + " ".join(sys.argv[1:] if argv is None else argv)
     evaluations = (
@@ -271,105 +350,32 @@ def main(argv: list[str] | None = None) -> int:
                 "limit": whole_split_limit(args.train_images, split_size("train")),
             }
         )
-
-    runs = []  # (name, config, run_dir, depends_on)
-    for seed in dict.fromkeys(args.seeds):
-        for inputs in args.inputs:
-            for name in sorted(
-                args.variants, key=lambda v: ORDER.index(v) if v in ORDER else len(ORDER)
-            ):
-                config = TrainConfig(
-                    variant=name,
-                    epochs=args.epochs,
-                    mask=Mask(args.mask),
-                    inputs=inputs if args.mask == "fixed" else None,
-                    limit=args.limit,
-                    seed=seed,
-                )
-                dep = (
-                    baseline_run_dir(args.runs_dir, config)
-                    if get_variant(name).pretrained
-                    else None
-                )
-                run_dir = default_run_dir(args.runs_dir, config)
-                runs.append((run_dir.name, config, run_dir, dep))
-    # a variant that needs the pretrained baseline waits for it (trained here even when not asked for)
-    for _, config, _, dep in list(runs):
-        if dep is not None and dep not in [r[2] for r in runs]:
-            runs.insert(0, (dep.name, config.baseline(), dep, None))
+    jobs = plan(args)
 
     started = time.perf_counter()
-    results: dict[str, dict] = {}
-    pending = list(runs)
-    running: dict = {}  # future -> run name
-
-    def status() -> str:
-        epochs = ", ".join(
-            f"{name} epoch {_epochs_done(rd)}/{cfg.epochs}"
-            for name, cfg, rd, _ in runs
-            if name in running.values()
-        )
-        return f"{len(results)}/{len(runs)} runs done" + (f"; running {epochs}" if epochs else "")
-
-    def epochs_done() -> int:
-        return sum(min(_epochs_done(rd), cfg.epochs) for _, cfg, rd, _ in runs)
-
-    # a live bar on a terminal; in a log, a line every minute and one per run finished
-    with Progress(
-        "reproduce",
-        total=sum(cfg.epochs for _, cfg, _, _ in runs),
-        completed=epochs_done(),
-        unit="epochs",
-    ) as progress:
-        with ProcessPoolExecutor(
-            max_workers=args.jobs, mp_context=multiprocessing.get_context("spawn")
-        ) as pool:
-            while pending or running:
-                done_dirs = {Path(r["run_dir"]) for r in results.values() if "error" not in r}
-                for item in list(pending):
-                    name, cfg, rd, dep = item
-                    if len(running) >= args.jobs:
-                        break
-                    if dep is None or dep in done_dirs or Run(dep).is_finished():
-                        pending.remove(item)
-                        fut = pool.submit(
-                            run_one,
-                            cfg.to_dict(),
-                            str(rd),
-                            str(args.runs_dir),
-                            args.data_dir,
-                            evaluations,
-                            args.threads,
-                            args.re_evaluate,
-                        )
-                        running[fut] = name
-                finished, _ = wait(list(running), timeout=5, return_when=FIRST_COMPLETED)
-                for fut in finished:
-                    name = running.pop(fut)
-                    results[name] = fut.result()
-                    error = results[name].get("error")
-                    console.print(
-                        f"{name}: {'failed: ' + error if error else 'done'}",
-                        markup=False,
-                        highlight=False,
-                    )
-                progress.update(epochs_done(), status(), milestone=bool(finished))
-                if not running and pending and not finished:
-                    # nothing runs and nothing can start: a dependency failed
-                    for name, *_ in pending:
-                        results[name] = {
-                            "run_dir": "",
-                            "error": "its pretrained baseline failed",
-                            "evaluations": [],
-                        }
-                    pending.clear()
-
+    if args.address is None:
+        results, stopped = run_here(jobs, args, evaluations)
+    else:
+        results, stopped = run_on_cluster(jobs, args, evaluations, on_saved)
+        if results is None:
+            return 1
     wall = time.perf_counter() - started
+    if stopped is not None:
+        saved = sum(1 for r in results.values() if r.get("interrupted"))
+        console.print(
+            f"stopped by {signal.Signals(stopped).name}: {saved} running runs saved their "
+            f"checkpoints and nothing was left half-written; run the same command to resume.",
+            markup=False,
+            highlight=False,
+        )
+        return 128 + stopped
+
     rows = []
-    for name, cfg, rd, _ in runs:
-        r = results.get(name, {})
-        evs = {e["split"]: e for e in r.get("evaluations", [])}
-        seconds, steps = _train_seconds(rd)
+    for job in jobs:
+        cfg = job.config
+        r = results.get(job.name, {})
+        evs = {e["split"]: e for e in r.get("evaluations", []) if e}
+        seconds, steps = _train_seconds(job.run_dir)
         # the figure the table compares with: Pyro's tutorial on test images, else the reference's table (train)
         outside = reference_for(
             cfg.variant, cfg.mask, cfg.inputs, "test" if cfg.mask is Mask.fixed else "train"
@@ -377,10 +383,10 @@ def main(argv: list[str] | None = None) -> int:
         reference = outside.ncll if outside else None
         rows.append(
             {
-                "run": name,
+                "run": job.name,
                 "variant": cfg.variant,
                 "seed": cfg.seed,
-                "epochs": _epochs_done(rd),
+                "epochs": _epochs_done(job.run_dir),
                 "mask": cfg.mask.value,
                 "inputs": cfg.inputs,
                 "reference_ncll": reference,
@@ -388,6 +394,7 @@ def main(argv: list[str] | None = None) -> int:
                 "train": evs.get("train"),
                 "train_seconds": seconds,
                 "ms_per_step": 1000 * seconds / max(steps, 1),
+                "ran_on": r.get("ran_on", []),
                 **({"error": r["error"]} if "error" in r else {}),
             }
         )
@@ -396,6 +403,62 @@ def main(argv: list[str] | None = None) -> int:
     console.print(path.read_text(), markup=False, highlight=False)
     console.print(f"wrote {path} and {path.with_suffix('.json')} in {wall / 60:.1f} min")
     return 1 if any("error" in r for r in rows) else 0
+
+
+def _option_problem(args: argparse.Namespace) -> str | None:
+    """What is wrong with the options, in one line naming the option, or None."""
+    for option, value in [
+        ("--epochs", args.epochs),
+        ("--jobs", args.jobs),
+        ("--threads", args.threads),
+        ("--samples", args.samples),
+        ("--limit", args.limit),
+    ]:
+        if value is not None and value < 1:
+            return f"{option} must be at least 1, got {value}."
+    if args.test_images is not None and args.test_images < 1:
+        return (
+            f"--test-images must be at least 1, got {args.test_images}; leave it out to "
+            "evaluate on the whole test split."
+        )
+    if args.train_images < 0:
+        return f"--train-images must be 0 (skip) or more, got {args.train_images}."
+    return None
+
+
+def run_on_cluster(
+    jobs: list[Job], args: argparse.Namespace, evaluations: list[dict], on_saved=None
+) -> tuple[dict[str, dict] | None, int | None]:
+    """The jobs as Ray tasks on the cluster at ``--address``; (None, None) after saying in one
+    line why they cannot run there."""
+    try:
+        from pyro_cvae import cluster
+    except ImportError as e:
+        errors.print(
+            f"error: --address needs Ray ({e}); install it with: pip install -e '.[cluster]'",
+            markup=False,
+            highlight=False,
+        )
+        return None, None
+    import ray
+
+    try:
+        cluster.connect(args.address)
+        return cluster.run_on_ray(
+            jobs,
+            evaluations,
+            args.runs_dir,
+            args.data_dir,
+            args.threads,
+            args.re_evaluate,
+            args.device,
+            on_saved=on_saved,
+        )
+    except cluster.ClusterError as e:
+        errors.print(f"error: {e}", markup=False, highlight=False)
+        return None, None
+    finally:
+        ray.shutdown()
 
 
 if __name__ == "__main__":
