@@ -20,6 +20,8 @@ from __future__ import annotations
 import errno
 import json
 import os
+import pickle
+import re
 import time
 import uuid
 from contextlib import contextmanager
@@ -281,17 +283,7 @@ class Run:
             raise RunError(
                 f"no checkpoint in {self.path}; train it first: pyro-cvae train --run-dir {self.path} --variant NAME."
             )
-        try:
-            checkpoint = torch.load(path, map_location=device, weights_only=False, mmap=mmap)
-        except PermissionError as e:
-            raise RunError(
-                f"{path} cannot be read ({e.strerror}); check its permissions."
-            ) from None
-        except Exception as e:
-            raise RunError(
-                f"{path} cannot be read ({type(e).__name__}): it is truncated or corrupt; delete it "
-                "and train again with --force."
-            ) from None
+        checkpoint = load_checkpoint_file(path, device, mmap)
         problem = _checkpoint_problem(checkpoint)
         if problem:
             raise RunError(
@@ -345,14 +337,12 @@ class Run:
         """The per-epoch records of the run, in epoch order: the checkpoint's, else (a run saved
         before checkpoints held them) metrics.jsonl's, whose torn lines are skipped."""
         try:
-            checkpoint = torch.load(
-                self.checkpoint_path, map_location="cpu", weights_only=False, mmap=True
-            )
+            checkpoint = load_checkpoint_file(self.checkpoint_path, mmap=True)
             if _checkpoint_problem(checkpoint) is None and isinstance(
                 checkpoint.get("metrics"), list
             ):
                 return list(checkpoint["metrics"])
-        except Exception:
+        except RunError:  # not a checkpoint we can read: the copy, then
             pass
         by_epoch = {}
         for line in (_read_text(self.metrics_path) or "").splitlines():
@@ -433,9 +423,7 @@ class Run:
 
     def _identity(self) -> dict | None:
         try:
-            checkpoint = torch.load(
-                self.checkpoint_path, map_location="cpu", weights_only=False, mmap=True
-            )
+            checkpoint = load_checkpoint_file(self.checkpoint_path, mmap=True)
             return {
                 "step": checkpoint["step"],
                 "epoch": checkpoint["epoch"],
@@ -513,6 +501,30 @@ def load_run(
 ) -> tuple[CVAE, TrainConfig, dict]:
     """A trained (or partly trained) run: the model with its weights, its config and checkpoint."""
     return Run(run_dir).load(device, log)
+
+
+def load_checkpoint_file(path: Path, device: torch.device | str = "cpu", mmap: bool = False) -> Any:
+    """The one way a run's checkpoint is read: with ``weights_only``, so that a file holding
+    anything but tensors, numbers, strings and containers of them (a pickled object that would
+    run code as it loads, in a run folder copied from elsewhere) is refused, not executed."""
+    try:
+        return torch.load(path, map_location=device, weights_only=True, mmap=mmap)
+    except PermissionError as e:
+        raise RunError(f"{path} cannot be read ({e.strerror}); check its permissions.") from None
+    except pickle.UnpicklingError as e:
+        found = re.search(
+            r"WeightsUnpickler error: (.*?)(?: was not an allowed|\.? Please|\n|$)", str(e)
+        )
+        what = found.group(1) if found else type(e).__name__
+        raise RunError(
+            f"{path} holds more than weights and numbers ({what}): loading it could run code, so it "
+            "is refused; delete it, or train again with --force, unless you trust where it came from."
+        ) from None
+    except Exception as e:
+        raise RunError(
+            f"{path} cannot be read ({type(e).__name__}): it is truncated or corrupt; delete it "
+            "and train again with --force."
+        ) from None
 
 
 def _checkpoint_problem(checkpoint: Any) -> str | None:
