@@ -5,6 +5,7 @@ from __future__ import annotations
 import enum
 import functools
 import os
+import signal
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -61,28 +62,33 @@ RunInputs = Annotated[
 Seed = Annotated[int, typer.Option(help="Seed of the masks and of the z draws.")]
 
 
-def _friendly(fn):
+def _friendly(
+    fn, interrupted: str = "nothing was written (no half-written file); run the same command again."
+):
     """Expected failures end in one red line: a refused option with exit code 2 (as a usage
-    error), missing data, a bad run or a failed write with 1, Ctrl-C with 130."""
+    error), missing data, a bad run or a failed write with 1, a termination signal (Ctrl-C,
+    SIGTERM, SIGHUP, one that came while the command started included) with 128 + its number
+    (130, 143, 129), saying ``interrupted``: what became of the work."""
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
         from .config import OptionError
+        from .console import Terminated, raise_on_termination, signal_name
         from .data import DataError
         from .runs import RunError
 
         try:
-            return fn(*args, **kwargs)
+            with raise_on_termination():
+                return fn(*args, **kwargs)
         except (DataError, RunError, ValueError, OSError) as e:
             errors.print(f"[bold red]error:[/] {escape(str(e))}", highlight=False)
             raise typer.Exit(2 if isinstance(e, OptionError) else 1) from None
-        except KeyboardInterrupt:
+        except KeyboardInterrupt as e:
+            signum = e.signum if isinstance(e, Terminated) else signal.SIGINT
             errors.print(
-                "[bold red]interrupted[/] (Ctrl-C) before a checkpoint could be saved; nothing was "
-                "half-written: run the same command to start again or resume.",
-                highlight=False,
+                f"[bold red]interrupted[/] ({signal_name(signum)}); {interrupted}", highlight=False
             )
-            raise typer.Exit(130) from None
+            raise typer.Exit(128 + signum) from None
 
     return wrapper
 
@@ -139,7 +145,11 @@ def variants_cmd() -> None:
 
 
 @app.command("train")
-@_friendly
+@functools.partial(
+    _friendly,
+    interrupted="no checkpoint was saved since the last one, and nothing was half-written: "
+    "run the same command to resume (or to start).",
+)
 def train_cmd(
     variant: Annotated[VariantName, typer.Option(help="Which variant to train.")] = VariantName(
         TrainConfig.variant
@@ -232,7 +242,7 @@ def train_cmd(
             f"({result.steps} steps, {result.seconds:.0f} s)"
         )
     elif result.status is Status.interrupted:
-        raise typer.Exit(130)
+        raise typer.Exit(128 + (result.signum or signal.SIGINT))
 
 
 @app.command("evaluate")

@@ -187,7 +187,12 @@ class Run:
         made = [p for p in (self.path, *self.path.parents) if not p.exists()]
         self.path.mkdir(parents=True, exist_ok=True)
         try:
-            held = self._acquire()
+            try:
+                held = self._acquire()
+            except BaseException:  # a signal right after the lock appeared: it must not stay
+                if _read_lock(self.path / LOCK)[0] == os.getpid():
+                    (self.path / LOCK).unlink(missing_ok=True)
+                raise
             try:
                 remove_stale_temporaries(self.path)
                 yield

@@ -19,7 +19,7 @@ from pyro.infer import ELBO, RenyiELBO, Trace_ELBO, TraceMeanField_ELBO
 from pyro.poutine.messenger import Messenger
 
 from .config import TrainConfig, resolve_device
-from .console import Progress, StopOnInterrupt
+from .console import Progress, StopOnInterrupt, signal_name
 from .data import Batch, epoch_batches, load_split, steps_per_epoch
 from .estimators import GuideGradient, GuidePathGradient
 from .model import CVAE, Elbo, Objective, get_variant, guide_gradient_problem
@@ -223,6 +223,7 @@ class TrainResult:
     steps: int
     seconds: float
     status: Status
+    signum: int | None = None  # the signal that interrupted it
 
 
 def train(
@@ -471,7 +472,8 @@ def _train_loop(
             )
             save(epoch, batch_index, partial)
             log(
-                f"interrupted at step {step}: checkpoint saved in {run.path}; run the same command to resume."
+                f"interrupted at step {step} ({signal_name(stop.signum)}): checkpoint saved in "
+                f"{run.path}; run the same command to resume."
             )
             status = Status.interrupted
         except _Diverged as e:
@@ -485,7 +487,8 @@ def _train_loop(
                 f"loss became {e.value} at step {e.step} (epoch {e.epoch + 1}); training stopped and "
                 f"{kept}. Try a smaller --lr or another --seed."
             ) from None
-    return TrainResult(run.path, epoch, step, time.perf_counter() - started, status)
+    seconds = time.perf_counter() - started
+    return TrainResult(run.path, epoch, step, seconds, status, stop.signum)
 
 
 class _Stop(Exception):
