@@ -60,6 +60,13 @@ RunInputs = Annotated[
     typer.Option("--inputs", help="With --mask fixed: the run's visible quadrants (default: 1)."),
 ]
 Seed = Annotated[int, typer.Option(help="Seed of the masks and of the z draws.")]
+ForceOut = Annotated[
+    bool,
+    typer.Option(
+        help="Replace an existing --out file that is not a picture this program wrote (a run's "
+        "own files are never replaced)."
+    ),
+]
 
 
 def _friendly(
@@ -91,6 +98,10 @@ def _friendly(
             raise typer.Exit(128 + signum) from None
 
     return wrapper
+
+
+# what the library says as it works: paths and run names are printed as they are, never as markup
+_log = functools.partial(console.print, markup=False, highlight=False)
 
 
 def _threads(threads: int | None) -> None:
@@ -233,12 +244,12 @@ def train_cmd(
         data_dir=data_dir,
         device=device.value,
         force=force,
-        log=console.print,
+        log=_log,
         progress=progress,
     )
     if result.status is Status.finished:
         console.print(
-            f"[green]trained[/] {result.run_dir} for {result.epochs_done} epochs "
+            f"[green]trained[/] {escape(str(result.run_dir))} for {result.epochs_done} epochs "
             f"({result.steps} steps, {result.seconds:.0f} s)"
         )
     elif result.status is Status.interrupted:
@@ -295,7 +306,7 @@ def evaluate_cmd(
         seed=seed,
         data_dir=data_dir,
         device=device.value,
-        log=console.print,
+        log=_log,
     )
     with Progress(
         target.name if target else "evaluating", total=0, unit="images", transient=True
@@ -331,14 +342,18 @@ def evaluate_cmd(
 def _print_evaluations(results, split: str) -> None:
     """One table of evaluations (and whether each was a saved one), each beside the outside figure
     measured the same way, if any."""
-    from .references import reference_for
+    from .references import comparable, reference_for
 
     rows = []
     for r, reused in results:
         ref = reference_for(r.variant, r.mask, r.inputs, split)
-        compared = (
-            [f"{ref.ncll:.2f}", f"{r.ncll - ref.ncll:+.2f}", ref.source.value] if ref else ["-"] * 3
+        # a difference only for an evaluation measured as the reference was (whole split, S=100)
+        difference = (
+            f"{r.ncll - ref.ncll:+.2f}"
+            if ref and comparable(r.variant, r.images, r.samples)
+            else "-"
         )
+        compared = [f"{ref.ncll:.2f}", difference, ref.source.value] if ref else ["-"] * 3
         rows.append(
             [
                 escape(Path(r.run_dir).name),
@@ -389,6 +404,7 @@ def sample_cmd(
             help="PNG to write (default: in the run directory, or in RUNS_DIR comparing every run)."
         ),
     ] = None,
+    force: ForceOut = False,
     mask: RunMask = None,
     inputs: RunInputs = None,
     data_dir: DataDir = None,
@@ -397,11 +413,13 @@ def sample_cmd(
 ) -> None:
     """A PNG grid of a trained run: input | truth | baseline | CVAE samples, a column per image;
     with no run named, one picture comparing every trained run in RUNS_DIR on the same digits."""
-    from .runs import select_run
+    from .runs import check_output, select_run
     from .sample import compare_runs, sample_grid
 
     _threads(threads)
     SampleConfig(num_images, num_samples, split, seed).validate()
+    if out is not None:
+        check_output(out, force)
     target = select_run(run_dir, runs_dir, variant and variant.value, mask, inputs)
     options = dict(
         num_images=num_images,
@@ -428,8 +446,12 @@ def plot_cmd(
     out: Annotated[
         Optional[Path], typer.Option(help="PNG to write (default: RUNS_DIR/plots.png).")
     ] = None,
+    force: ForceOut = False,
 ) -> None:
     """Training curves of every run in RUNS_DIR and, where evaluated, its NCLL on test and train images beside the outside figure measured the same way."""
     from .plots import plot_runs
+    from .runs import check_output
 
+    if out is not None:
+        check_output(out, force)
     console.print(f"wrote {escape(str(plot_runs(runs_dir, out)))}", highlight=False)

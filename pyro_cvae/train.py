@@ -18,9 +18,9 @@ import torch
 from pyro.infer import ELBO, RenyiELBO, Trace_ELBO, TraceMeanField_ELBO
 from pyro.poutine.messenger import Messenger
 
-from .config import TrainConfig, resolve_device
+from .config import TrainConfig, require_memory, resolve_device
 from .console import Progress, StopOnInterrupt, signal_name
-from .data import Batch, epoch_batches, load_split, steps_per_epoch
+from .data import PIXELS, Batch, check_limit, epoch_batches, load_split, steps_per_epoch
 from .estimators import GuideGradient, GuidePathGradient
 from .model import CVAE, Elbo, Objective, get_variant, guide_gradient_problem
 from .runs import Run, RunError, baseline_run_dir, default_run_dir, new_run_id
@@ -279,12 +279,34 @@ def train(
         if images is None:
             images, _ = load_split("train", data_dir, config.limit)
         elif config.limit is not None:
+            check_limit(config.limit, len(images))
             images = images[: config.limit]
+        _require_step_memory(config, min(config.batch_size, len(images)), device)
         images = images.to(device)
         pretrained = None
         if checkpoint is None and get_variant(config.variant).pretrained:
             pretrained = _pretrained_baseline(config, runs_dir, device, data_dir, log, progress)
         return _train_loop(config, run, checkpoint, images, pretrained, device, log, progress)
+
+
+STEP_TENSORS = 16  # a step's peak, in (K, B, 784) float tensors (measured: 8 to 14 on CPU)
+
+
+def _require_step_memory(config: TrainConfig, batch: int, device: torch.device) -> None:
+    """Refuse K particles of a batch whose step cannot fit in memory, before it allocates."""
+    k = config.particles
+    require_memory(
+        device,
+        per_unit=batch * PIXELS * 4 * STEP_TENSORS,
+        units=k,
+        what=f"--particles {k} with --batch-size {config.batch_size} (K x B x {PIXELS} pixels "
+        f"x 4 bytes x ~{STEP_TENSORS} tensors of a step)",
+        fits=lambda n: (
+            f"at most --particles {n} fits with this batch size"
+            if n >= 1
+            else "a smaller --batch-size is needed"
+        ),
+    )
 
 
 def _pretrained_baseline(
