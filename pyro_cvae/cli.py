@@ -5,6 +5,7 @@ from __future__ import annotations
 import enum
 import functools
 import os
+import signal
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -60,32 +61,48 @@ RunInputs = Annotated[
     typer.Option("--inputs", help="With --mask fixed: the run's visible quadrants (default: 1)."),
 ]
 Seed = Annotated[int, typer.Option(help="Seed of the masks and of the z draws.")]
+ForceOut = Annotated[
+    bool,
+    typer.Option(
+        help="Replace an existing --out file that is not a picture this program wrote (a run's "
+        "own files are never replaced)."
+    ),
+]
 
 
-def _friendly(fn):
+def _friendly(
+    fn, interrupted: str = "nothing was written (no half-written file); run the same command again."
+):
     """Expected failures end in one red line: a refused option with exit code 2 (as a usage
-    error), missing data, a bad run or a failed write with 1, Ctrl-C with 130."""
+    error), missing data, a bad run or a failed write with 1, a termination signal (Ctrl-C,
+    SIGTERM, SIGHUP, one that came while the command started included) with 128 + its number
+    (130, 143, 129), saying ``interrupted``: what became of the work."""
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
         from .config import OptionError
+        from .console import Terminated, raise_on_termination, signal_name
         from .data import DataError
         from .runs import RunError
 
         try:
-            return fn(*args, **kwargs)
+            with raise_on_termination():
+                return fn(*args, **kwargs)
         except (DataError, RunError, ValueError, OSError) as e:
             errors.print(f"[bold red]error:[/] {escape(str(e))}", highlight=False)
             raise typer.Exit(2 if isinstance(e, OptionError) else 1) from None
-        except KeyboardInterrupt:
+        except KeyboardInterrupt as e:
+            signum = e.signum if isinstance(e, Terminated) else signal.SIGINT
             errors.print(
-                "[bold red]interrupted[/] (Ctrl-C) before a checkpoint could be saved; nothing was "
-                "half-written: run the same command to start again or resume.",
-                highlight=False,
+                f"[bold red]interrupted[/] ({signal_name(signum)}); {interrupted}", highlight=False
             )
-            raise typer.Exit(130) from None
+            raise typer.Exit(128 + signum) from None
 
     return wrapper
+
+
+# what the library says as it works: paths and run names are printed as they are, never as markup
+_log = functools.partial(console.print, markup=False, highlight=False)
 
 
 def _threads(threads: int | None) -> None:
@@ -142,7 +159,11 @@ def variants_cmd() -> None:
 
 
 @app.command("train")
-@_friendly
+@functools.partial(
+    _friendly,
+    interrupted="no checkpoint was saved since the last one, and nothing was half-written: "
+    "run the same command to resume (or to start).",
+)
 def train_cmd(
     variant: Annotated[VariantName, typer.Option(help="Which variant to train.")] = VariantName(
         TrainConfig.variant
@@ -226,16 +247,16 @@ def train_cmd(
         data_dir=data_dir,
         device=device.value,
         force=force,
-        log=console.print,
+        log=_log,
         progress=progress,
     )
     if result.status is Status.finished:
         console.print(
-            f"[green]trained[/] {result.run_dir} for {result.epochs_done} epochs "
+            f"[green]trained[/] {escape(str(result.run_dir))} for {result.epochs_done} epochs "
             f"({result.steps} steps, {result.seconds:.0f} s)"
         )
     elif result.status is Status.interrupted:
-        raise typer.Exit(130)
+        raise typer.Exit(128 + (result.signum or signal.SIGINT))
 
 
 @app.command("evaluate")
@@ -284,7 +305,7 @@ def evaluate_cmd(
     with Progress(
         target.name if target else "evaluating", total=0, unit="images", transient=True
     ) as bar:
-        context = Context(data_dir, device.value, log=console.print)
+        context = Context(data_dir, device.value, log=_log)
         if target is not None:  # the bar names the run already
             context.progress = lambda done, total, _: bar.update(done, total=total)
             results = [(evaluate_run(target, config, context), False)]
@@ -304,14 +325,18 @@ def evaluate_cmd(
 def _print_evaluations(results, split: str) -> None:
     """One table of evaluations (and whether each was a saved one), each beside the outside figure
     measured the same way, if any."""
-    from .references import reference_for
+    from .references import comparable, reference_for
 
     rows = []
     for r, reused in results:
         ref = reference_for(r.variant, r.mask, r.inputs, split)
-        compared = (
-            [f"{ref.ncll:.2f}", f"{r.ncll - ref.ncll:+.2f}", ref.source.value] if ref else ["-"] * 3
+        # a difference only for an evaluation measured as the reference was (whole split, S=100)
+        difference = (
+            f"{r.ncll - ref.ncll:+.2f}"
+            if ref and comparable(r.variant, r.images, r.samples)
+            else "-"
         )
+        compared = [f"{ref.ncll:.2f}", difference, ref.source.value] if ref else ["-"] * 3
         rows.append(
             [
                 escape(Path(r.run_dir).name),
@@ -362,6 +387,7 @@ def sample_cmd(
             help="PNG to write (default: in the run directory, or in RUNS_DIR comparing every run)."
         ),
     ] = None,
+    force: ForceOut = False,
     mask: RunMask = None,
     inputs: RunInputs = None,
     data_dir: DataDir = None,
@@ -371,13 +397,15 @@ def sample_cmd(
     """A PNG grid of a trained run: input | truth | baseline | CVAE samples, a column per image;
     with no run named, one picture comparing every trained run in RUNS_DIR on the same digits."""
     from .config import Context
-    from .runs import select_run
+    from .runs import check_output, select_run
     from .sample import compare_runs, sample_grid
 
     _threads(threads)
     comparing = run_dir is None and variant is None  # three draws a run: the picture holds all
     default = 3 if comparing else SampleConfig.num_samples
     config = SampleConfig(num_images, default if num_samples is None else num_samples, split, seed)
+    if out is not None:
+        check_output(out, force)
     target = select_run(run_dir, runs_dir, variant and variant.value, mask, inputs)
     context = Context(data_dir, device.value)
     if target is None:
@@ -395,8 +423,12 @@ def plot_cmd(
     out: Annotated[
         Optional[Path], typer.Option(help="PNG to write (default: RUNS_DIR/plots.png).")
     ] = None,
+    force: ForceOut = False,
 ) -> None:
     """Training curves of every run in RUNS_DIR and, where evaluated, its NCLL on test and train images beside the outside figure measured the same way."""
     from .plots import plot_runs
+    from .runs import check_output
 
+    if out is not None:
+        check_output(out, force)
     console.print(f"wrote {escape(str(plot_runs(runs_dir, out)))}", highlight=False)

@@ -6,6 +6,7 @@ names the option as the CLI spells it."""
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 from typing import Any, Callable
@@ -57,6 +58,42 @@ def resolve_device(device: str = "auto") -> torch.device:
     if device not in ("cpu", "cuda"):
         raise OptionError(f"--device must be auto, cpu or cuda, got {device!r}.")
     return torch.device(device)
+
+
+def available_memory(device: torch.device) -> int | None:
+    """Bytes free for new tensors on ``device`` (the GPU's free memory; on CPU the system's
+    MemAvailable), or None where that cannot be told."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (AttributeError, OSError, ValueError):
+        return None
+
+
+def require_memory(
+    device: torch.device, per_unit: int, units: int, what: str, fits: Callable[[int], str]
+) -> None:
+    """Refuse, before it allocates, work of ``units`` times ``per_unit`` bytes that cannot fit
+    on ``device``: the message says ``what`` needs that, and ``fits(n)`` what would (n units)."""
+    available = available_memory(device)
+    if available is None or per_unit * units <= available:
+        return
+    raise OptionError(
+        f"{what} needs about {_gigabytes(per_unit * units)} of memory, more than the "
+        f"{_gigabytes(available)} free on {device.type}; {fits(available // per_unit)}."
+    )
+
+
+def _gigabytes(n: int) -> str:
+    return f"{n / 2**30:,.1f} GB"
 
 
 @dataclass

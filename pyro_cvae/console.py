@@ -1,5 +1,5 @@
 """What the command line prints: tables that never cut a name, progress that survives a pipe,
-and Ctrl-C handling for long loops.
+and what a termination signal (Ctrl-C, SIGTERM, SIGHUP) does.
 
 On a terminal: rich tables and a live progress bar. Elsewhere (a pipe, a log file, ``nohup``, a
 scheduler): plain aligned rows, and a plain progress line at least every ``PLAIN_EVERY_S``
@@ -9,11 +9,15 @@ long run alive and anything reading the output gets names and paths whole.
 
 from __future__ import annotations
 
+import signal
+import threading
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Iterator
 
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 from rich.text import Text
 
@@ -119,8 +123,12 @@ class Progress:
                 transient=self.transient,
             )
             self.live.__enter__()
-            self.task = self.live.add_task(
-                self.description, total=self.total, completed=self.completed, rate="", status=""
+            self.task = self.live.add_task(  # a run's name is a folder's: no markup in it
+                escape(self.description),
+                total=self.total,
+                completed=self.completed,
+                rate="",
+                status="",
             )
         return self
 
@@ -139,7 +147,7 @@ class Progress:
         rate = f"{self.rate():.1f} {self.unit}/s"
         if self.live is not None:
             self.live.update(
-                self.task, completed=completed, total=self.total, rate=rate, status=status
+                self.task, completed=completed, total=self.total, rate=rate, status=escape(status)
             )
         elif milestone or self.clock() - self.printed >= self.every_s:
             self.printed = self.clock()
@@ -164,28 +172,88 @@ class Progress:
         return False
 
 
+# what Ctrl-C, a scheduler (Slurm, Kubernetes, ``timeout``) and a closed terminal send
+TERMINATING = tuple(
+    getattr(signal, name) for name in ("SIGINT", "SIGTERM", "SIGHUP") if hasattr(signal, name)
+)
+_pending: list[int] = []  # signals that arrived while they were only recorded (the start-up)
+
+
+class Terminated(KeyboardInterrupt):
+    """A termination signal, raised where the work stands (as Ctrl-C raises KeyboardInterrupt), so
+    that ``finally`` clauses release the run and atomic writes drop their temporary files."""
+
+    def __init__(self, signum: int):
+        super().__init__(signum)
+        self.signum = signum
+
+    @property
+    def name(self) -> str:
+        return signal_name(self.signum)
+
+    @property
+    def exit_code(self) -> int:  # the shell's convention: 130 for SIGINT, 143 SIGTERM, 129 SIGHUP
+        return 128 + self.signum
+
+
+def signal_name(signum: int) -> str:
+    return "Ctrl-C" if signum == signal.SIGINT else signal.Signals(signum).name
+
+
+def record_termination(pending: list[int] | None = None) -> None:
+    """From now on a termination signal is only recorded, to be raised by ``raise_on_termination``:
+    one that arrives while the heavy modules import is never lost (nor swallowed by an import).
+    ``pending``: the list an earlier recorder appended to, taken over with what it holds."""
+    global _pending
+    if pending is not None:
+        _pending = pending
+    for signum in TERMINATING:
+        signal.signal(signum, lambda signum, frame: _pending.append(signum))
+
+
+def _raise_terminated(signum, frame):
+    raise Terminated(signum)
+
+
+@contextmanager
+def raise_on_termination() -> Iterator[None]:
+    """Within: a termination signal raises ``Terminated``, and one recorded before raises at once."""
+    if threading.current_thread() is not threading.main_thread():  # signals go to the main thread
+        yield
+        return
+    previous = {signum: signal.signal(signum, _raise_terminated) for signum in TERMINATING}
+    try:
+        if _pending:
+            signum = _pending[0]
+            _pending.clear()
+            raise Terminated(signum)
+        yield
+    finally:
+        for signum, handler in previous.items():
+            if handler is not None:
+                signal.signal(signum, handler)
+
+
 class StopOnInterrupt:
-    """The first Ctrl-C (SIGINT) asks the loop to stop after the current step, which saves a
-    consistent checkpoint; a second one interrupts at once, leaving the last epoch's checkpoint."""
+    """The first termination signal (Ctrl-C, SIGTERM, SIGHUP) asks the loop to stop after the
+    current step, which saves a consistent checkpoint; a second one interrupts at once, leaving
+    the last epoch's checkpoint. ``signum``: the signal that asked, if one did."""
 
     def __enter__(self):
-        import signal
-        import threading
-
         self.requested = False
-        self.previous = None
+        self.signum = None
+        self.previous = {}
         if threading.current_thread() is threading.main_thread():
-            self.previous = signal.signal(signal.SIGINT, self._handle)
+            self.previous = {signum: signal.signal(signum, self._handle) for signum in TERMINATING}
         return self
 
     def _handle(self, signum, frame):
         if self.requested:
-            raise KeyboardInterrupt
-        self.requested = True
+            raise Terminated(signum)
+        self.requested, self.signum = True, signum
 
     def __exit__(self, *exc):
-        import signal
-
-        if self.previous is not None:
-            signal.signal(signal.SIGINT, self.previous)
+        for signum, handler in self.previous.items():
+            if handler is not None:
+                signal.signal(signum, handler)
         return False

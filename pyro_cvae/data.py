@@ -14,7 +14,7 @@ import os
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
+from typing import Any, Iterator
 
 import numpy as np
 import torch
@@ -59,8 +59,16 @@ def split_size(split: str) -> int:
 
 def whole_split_limit(limit: int | None, size: int) -> int | None:
     """A limit on the first images of a split of ``size``, as evaluations name it: None when it
-    covers the whole split."""
+    covers the whole split; a limit beyond it is refused, not quietly cut."""
+    check_limit(limit, size)
     return None if limit is None or limit >= size else limit
+
+
+def check_limit(limit: int | None, size: int, what: str = "--limit") -> None:
+    """Refuse a limit on the first images that is not positive, or more than the ``size`` there are."""
+    if limit is not None and not 1 <= limit <= size:
+        fix = "a positive number" if limit < 1 else f"at most {size}, or drop it to use them all"
+        raise ValueError(f"{what} {limit} asks for {limit} of {size} images; ask for {fix}.")
 
 
 IDX_MAGIC = {3: 2051, 1: 2049}  # number of dimensions -> magic number of a uint8 IDX file
@@ -75,6 +83,15 @@ def cache_dir() -> Path:
     """Per-user cache folder: downloaded MNIST and the record of verified files."""
     root = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
     return Path(root) / "pyro-cvae"
+
+
+def _cache_problem() -> str | None:
+    """Why the cache folder must not be made: the home folder it would go in does not exist
+    (a service account's ``HOME=/nonexistent``); a folder is never made in its place."""
+    if os.environ.get("XDG_CACHE_HOME"):
+        return None
+    home = Path.home()
+    return None if home.is_dir() else f"the home folder {home} does not exist"
 
 
 def resolve_data_dir(data_dir: str | Path | None = None) -> Path:
@@ -146,8 +163,10 @@ def _verified_record() -> Path:
 
 
 def _fingerprint(path: Path) -> str:
+    """Changes when the file's bytes may have: its size, mtime, inode (a replaced file) and
+    ctime (which a write sets and no one can set back, unlike a restored mtime)."""
     st = path.stat()
-    return f"{path.resolve()}:{st.st_size}:{st.st_mtime_ns}"
+    return f"{path.resolve()}:{st.st_size}:{st.st_mtime_ns}:{st.st_ino}:{st.st_ctime_ns}"
 
 
 def _is_remembered(path: Path) -> bool:
@@ -160,6 +179,8 @@ def _is_remembered(path: Path) -> bool:
 def _remember(path: Path) -> None:
     """Record that a file passed its checksum, so later runs skip re-hashing it (best effort)."""
     record = _verified_record()
+    if _cache_problem():
+        return  # verified again next time, rather than a home folder made
     try:
         seen = json.loads(record.read_text()) if record.exists() else []
         seen = sorted(set(seen) | {_fingerprint(path)})
@@ -200,10 +221,17 @@ def _download(data_dir: Path) -> None:
     """torchvision's downloader, into ``data_dir/MNIST/raw``; a clear error where there is no network."""
     from torchvision.datasets import MNIST
 
+    made = [p for p in (data_dir / "MNIST" / "raw", *(data_dir / "MNIST" / "raw").parents)]
+    made = [p for p in made if not p.exists()]
     try:
         MNIST(root=str(data_dir), train=True, download=True)
         MNIST(root=str(data_dir), train=False, download=True)
     except Exception as e:  # any network or mirror failure: one actionable line instead
+        for folder in made:  # deepest first: the folders made for it, if it left them empty
+            try:
+                folder.rmdir()
+            except OSError:
+                break
         raise DataError(
             _missing_message(
                 data_dir, ["the MNIST files"], f" and downloading failed ({type(e).__name__})"
@@ -221,6 +249,10 @@ def locate(data_dir: str | Path | None = None, download: bool = True) -> Path:
         )
     missing = [stem for stem in FILES if find_file(root, stem) is None]
     if missing and download and len(missing) == len(FILES) and root == cache_dir() / "mnist":
+        if _cache_problem():
+            raise DataError(
+                _missing_message(root, missing, f", and {_cache_problem()} to download it into")
+            )
         _download(root)
         missing = [stem for stem in FILES if find_file(root, stem) is None]
     if missing:
@@ -249,6 +281,7 @@ def load_split(
     image_stem, label_stem = SPLIT_FILES[split]
     images, _ = read_idx(find_file(root, image_stem), image_stem)
     labels, _ = read_idx(find_file(root, label_stem), label_stem)
+    check_limit(limit, len(images))
     if limit is not None:
         images, labels = images[:limit], labels[:limit]
     return images_from_pixels(images), torch.from_numpy(labels.astype(np.int64))
@@ -303,6 +336,51 @@ def hidden_masks(
 def evaluation_masks(n: int, mask: str = "random", inputs: int = 1, seed: int = 0) -> torch.Tensor:
     """Masks fixed per image index by ``seed``: every model is evaluated on identical inputs."""
     return hidden_masks(n, mask, inputs, torch.Generator().manual_seed(seed))
+
+
+def check_images(images: Any, hidden: Any) -> None:
+    """A ``ValueError`` saying what was expected unless ``images`` is ``(N, 784)`` float32 in
+    [0, 1] with N >= 1 and ``hidden`` a bool mask of the same shape hiding at least one pixel of
+    every image: the API's inputs, checked before they give a wrong number or a torch error."""
+    if not isinstance(images, torch.Tensor):
+        raise ValueError(f"images must be a tensor (N, {PIXELS}), not a {type(images).__name__}.")
+    if images.dim() != 2 or images.shape[-1] != PIXELS:
+        one = "; for one image use images.unsqueeze(0)" if images.dim() == 1 else ""
+        raise ValueError(
+            f"images must have shape (N, {PIXELS}), a flattened 28x28 image per row, "
+            f"got {tuple(images.shape)}{one}."
+        )
+    if len(images) == 0:
+        raise ValueError("images is an empty batch (0 images); pass at least one image.")
+    if images.dtype != torch.float32:
+        fix = "images.float()" if images.is_floating_point() else "images.float() / 255"
+        raise ValueError(
+            f"images must be float32 grey levels in [0, 1], got {images.dtype}; pass {fix} "
+            "(load_split gives them so)."
+        )
+    low, high = torch.aminmax(images)
+    if not (0.0 <= low.item() and high.item() <= 1.0):  # NaN fails too
+        hint = " (0-255? divide by 255)" if high.item() > 1 else ""
+        raise ValueError(
+            f"images must lie in [0, 1], got values from {low.item():g} to {high.item():g}{hint}."
+        )
+    if not isinstance(hidden, torch.Tensor) or hidden.shape != images.shape:
+        shape = tuple(hidden.shape) if isinstance(hidden, torch.Tensor) else type(hidden).__name__
+        raise ValueError(
+            f"hidden must be a mask of the images' shape {tuple(images.shape)}, got {shape}."
+        )
+    if hidden.dtype != torch.bool:
+        raise ValueError(
+            f"hidden must be a bool mask (True where a pixel is hidden), got {hidden.dtype}; "
+            "pass hidden.bool() if it holds 0 and 1 (evaluation_masks gives one)."
+        )
+    nothing = (~hidden.any(-1)).nonzero().flatten().tolist()
+    if nothing:
+        raise ValueError(
+            f"hidden hides no pixel of image{'s' if len(nothing) > 1 else ''} {nothing[:5]}"
+            f"{'...' if len(nothing) > 5 else ''}: there is nothing to predict; hide a quadrant "
+            "at least (evaluation_masks)."
+        )
 
 
 def visible_input(images: torch.Tensor, hidden: torch.Tensor) -> torch.Tensor:

@@ -21,8 +21,15 @@ import pyro
 import pyro.poutine as poutine
 import torch
 
-from .config import Context, EvalConfig, TrainConfig, require_at_least_one, with_options
-from .data import evaluation_masks, visible_input, whole_split_limit
+from .config import (
+    Context,
+    EvalConfig,
+    TrainConfig,
+    require_at_least_one,
+    require_memory,
+    with_options,
+)
+from .data import PIXELS, check_images, evaluation_masks, visible_input, whole_split_limit
 from .model import CVAE, Proposal, Variant, get_variant
 from .runs import Run, RunError, require_trained_runs
 
@@ -48,6 +55,9 @@ def log_weights(
     return (log_p - log_q).expand(samples, x.shape[0])
 
 
+CHUNK_TENSORS = 8  # an evaluation chunk's peak, in (rows, 784) float tensors (no gradients)
+
+
 @torch.no_grad()
 def ncll_per_image(
     cvae: CVAE,
@@ -66,12 +76,24 @@ def ncll_per_image(
     particles are combined exactly with a running logsumexp. ``progress`` is told the number of
     images done after each chunk."""
     require_at_least_one(samples=samples)
+    check_images(images, hidden)
     samples = cvae.variant.importance_samples(samples)
     return _ncll_drawn(cvae, images, hidden, samples, image_batch, max_rows, progress)
 
 
 def _ncll_drawn(cvae, images, hidden, samples, image_batch, max_rows=5_000, progress=None):
-    """``ncll_per_image`` with ``samples`` the S drawn."""
+    """``ncll_per_image`` with ``samples`` the S drawn; refused before it allocates a chunk
+    that cannot fit."""
+    per_chunk = min(image_batch, len(images))
+    rows = per_chunk * max(1, min(samples, max_rows // per_chunk))  # as the loop below cuts them
+    require_memory(
+        images.device,
+        per_unit=PIXELS * 4 * CHUNK_TENSORS,
+        units=rows,
+        what=f"a chunk of {rows:,} rows (images x particles, --batch-size {image_batch}) x "
+        f"{PIXELS} pixels x 4 bytes x ~{CHUNK_TENSORS} tensors",
+        fits=lambda n: f"ask for --batch-size {max(1, n)} or fewer",
+    )
     ncll, ess = [], []
     for start in range(0, len(images), image_batch):
         y = images[start : start + image_batch]

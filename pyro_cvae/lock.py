@@ -13,6 +13,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
 
+from .atomic import read_regular_text
+
 try:
     import fcntl
 except ImportError:  # not POSIX
@@ -40,7 +42,12 @@ def hold(folder: Path) -> Iterator[None]:
     made = [p for p in (folder, *folder.parents) if not p.exists()]
     folder.mkdir(parents=True, exist_ok=True)
     try:
-        held = _acquire(folder)
+        try:
+            held = _acquire(folder)
+        except BaseException:  # a signal right after the lock appeared: it must not stay
+            if _read_lock(folder / LOCK)[0] == os.getpid():
+                (folder / LOCK).unlink(missing_ok=True)
+            raise
         try:
             remove_stale_temporaries(folder)
             yield
@@ -94,7 +101,7 @@ def _take_over_if_stale(folder: Path, lock: Path, mine: Path) -> bool:
         lock.unlink(missing_ok=True)
         return False
     try:
-        old = os.open(lock, os.O_RDONLY)
+        old = os.open(lock, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))  # a FIFO must not hang
     except FileNotFoundError:
         return False
     except OSError as e:
@@ -153,9 +160,8 @@ def _held_message(path: Path, holder: int | None) -> str:
 
 def _read_lock(lock: Path) -> tuple[int | None, bool]:
     """The pid a lock file names (None if unreadable) and whether it is marked as flocked."""
-    try:
-        text = lock.read_text()
-    except OSError:
+    text = read_regular_text(lock)
+    if text is None:
         return None, False
     words = text.split()
     holder = int(words[0]) if words and words[0].isdigit() else None

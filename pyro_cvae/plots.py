@@ -16,7 +16,7 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
 from .atomic import atomic_write_bytes
-from .references import Source, reference_for
+from .references import Source, comparable, reference_for
 from .runs import Run, runs_in
 
 DPI = 128  # a power of two: pixel sizes / DPI * DPI are exact, so a figure's pixel size is what was asked
@@ -27,7 +27,9 @@ def save_png(fig: Figure, path: str | Path) -> Path:
     """Render ``fig`` with Agg and write it atomically to ``path`` (its folder is created)."""
     path = Path(path)
     buffer = io.BytesIO()
-    FigureCanvasAgg(fig).print_png(buffer, metadata={"Software": None})
+    FigureCanvasAgg(fig).print_png(
+        buffer, metadata={"Software": "pyro-cvae"}
+    )  # the mark of a picture --out may replace (runs.is_our_png); no version: same bytes
     path.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_bytes(buffer.getvalue(), path)
     return path
@@ -87,8 +89,12 @@ def _ncll_panel(ax, runs: list[Run], split: str, best: list[dict[str, dict | Non
             ax.plot(
                 reference.ncll, i + 0.15, marker=marker, color=colour, linestyle="none", label=label
             )
+            same_protocol = comparable(
+                e.get("variant", ""), e.get("images", 0), e["samples"]
+            )  # else a difference from the reference would mean nothing
+            difference = f" ({e['ncll'] - reference.ncll:+.2f})" if same_protocol else ""
             ax.annotate(
-                f"{reference.ncll:.2f} ({e['ncll'] - reference.ncll:+.2f})",
+                f"{reference.ncll:.2f}{difference}",
                 (reference.ncll, i + 0.15),
                 xytext=(8, 0),
                 textcoords="offset points",

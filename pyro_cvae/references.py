@@ -67,3 +67,20 @@ def reference_for(variant: str, mask: str, inputs: int, split: str) -> Reference
         return Reference(row.ncll, Source.TABLE) if row else None
     ncll = REFERENCE_CODE_TEST.get(variant)
     return Reference(ncll, Source.CODE) if ncll is not None else None
+
+
+REFERENCE_SAMPLES = 100  # S of the outside figures
+REFERENCE_IMAGES = 10_000  # the whole test split; on train, the first 10k (as the results table)
+
+
+def comparable(variant: str, images: int, samples: int) -> bool:
+    """Whether an evaluation was measured as the outside figures were: on 10,000 images (the
+    whole test split, the first 10k of train) with S=100 (as drawn: 1 for a deterministic run);
+    only then is a difference from them a result, not noise of a quick check."""
+    from .model import VARIANTS  # model reads this module's TABLE
+
+    return (
+        variant in VARIANTS
+        and images >= REFERENCE_IMAGES
+        and samples == VARIANTS[variant].importance_samples(REFERENCE_SAMPLES)
+    )

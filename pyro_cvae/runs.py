@@ -18,6 +18,11 @@ record the checkpoint they were computed from and count only while it is the one
 from __future__ import annotations
 
 import json
+import math
+import os
+import pickle
+import re
+import stat
 import uuid
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -26,15 +31,16 @@ from typing import Any, Callable, Iterator
 
 import torch
 
-from .atomic import atomic_write, atomic_write_text
+from .atomic import atomic_write, atomic_write_text, read_regular_text
 from .config import OptionError, TrainConfig
 from .data import Mask
-from .lock import LockError, hold
+from .lock import LOCK, LOCK_MARK, LockError, hold  # noqa: F401 (LOCK_MARK: for callers)
 from .model import CVAE, VARIANTS, get_variant
 
 CONFIG = "config.json"
 CHECKPOINT = "checkpoint.pt"
 METRICS = "metrics.jsonl"
+SWEEP_LOG = "reproduce.log"
 # what a checkpoint must hold, and of which type
 _CHECKPOINT_KEYS = {
     "model": dict,
@@ -155,17 +161,37 @@ class Run:
 
     @property
     def sweep_log_path(self) -> Path:
-        return self.path / "reproduce.log"
+        return self.path / SWEEP_LOG
 
     def exists(self) -> bool:
         return self.checkpoint_path.is_file()
+
+    def _foreign_problem(self) -> str | None:
+        """Why training must not go into this folder: it holds files, but no run (training
+        would mix its files with them, and remove those named like a run's results)."""
+        if not self.path.is_dir() or self.exists() or self.config_path.is_file():
+            return None
+        # a trainer's (maybe killed) and the sweep's log, written before the first checkpoint
+        ours = re.compile(rf"^({re.escape(LOCK)}|{re.escape(SWEEP_LOG)}|\..+\.tmp\d+)$")
+        theirs = sorted(p.name for p in self.path.iterdir() if not ours.match(p.name))
+        if not theirs:
+            return None
+        shown = ", ".join(theirs[:3]) + (f" and {len(theirs) - 3} more" if len(theirs) > 3 else "")
+        return (
+            f"{self.path} is not a run but holds files ({shown}); nothing was changed: train into "
+            "a new or empty folder (choose another --run-dir or --runs-dir)."
+        )
 
     # ------------------------------------------------------------------ lock
 
     @contextmanager
     def lock(self) -> Iterator[None]:
         """Hold the run for one training process (``lock.hold`` says how); a RunError names the
-        process holding it."""
+        process holding it. A folder that is a file, a dangling link, or holds files that are
+        not a run's is refused before anything is made or deleted in it."""
+        problem = _folder_problem(self.path) or self._foreign_problem()
+        if problem:
+            raise RunError(problem)
         try:
             with hold(self.path):
                 yield
@@ -182,17 +208,7 @@ class Run:
             raise RunError(
                 f"no checkpoint in {self.path}; train it first: pyro-cvae train --run-dir {self.path} --variant NAME."
             )
-        try:
-            checkpoint = torch.load(path, map_location=device, weights_only=False, mmap=mmap)
-        except PermissionError as e:
-            raise RunError(
-                f"{path} cannot be read ({e.strerror}); check its permissions."
-            ) from None
-        except Exception as e:
-            raise RunError(
-                f"{path} cannot be read ({type(e).__name__}): it is truncated or corrupt; delete it "
-                "and train again with --force."
-            ) from None
+        checkpoint = load_checkpoint_file(path, device, mmap)
         problem = _checkpoint_problem(checkpoint)
         if problem:
             raise RunError(
@@ -214,8 +230,8 @@ class Run:
 
     def _config_copy(self) -> Any:
         try:
-            return json.loads(self.config_path.read_text())
-        except (OSError, ValueError):
+            return json.loads(read_regular_text(self.config_path) or "null")
+        except ValueError:
             return None
 
     def write_checkpoint(self, state: dict) -> None:
@@ -246,14 +262,12 @@ class Run:
         """The per-epoch records of the run, in epoch order: the checkpoint's, else (a run saved
         before checkpoints held them) metrics.jsonl's, whose torn lines are skipped."""
         try:
-            checkpoint = torch.load(
-                self.checkpoint_path, map_location="cpu", weights_only=False, mmap=True
-            )
+            checkpoint = load_checkpoint_file(self.checkpoint_path, mmap=True)
             if _checkpoint_problem(checkpoint) is None and isinstance(
                 checkpoint.get("metrics"), list
             ):
                 return list(checkpoint["metrics"])
-        except Exception:
+        except RunError:  # not a checkpoint we can read: the copy, then
             pass
         by_epoch = {}
         for line in (_read_text(self.metrics_path) or "").splitlines():
@@ -334,9 +348,7 @@ class Run:
 
     def _identity(self) -> dict | None:
         try:
-            checkpoint = torch.load(
-                self.checkpoint_path, map_location="cpu", weights_only=False, mmap=True
-            )
+            checkpoint = load_checkpoint_file(self.checkpoint_path, mmap=True)
             return {
                 "step": checkpoint["step"],
                 "epoch": checkpoint["epoch"],
@@ -348,12 +360,14 @@ class Run:
     @staticmethod
     def _current(path: Path, identity: dict | None) -> dict | None:
         try:
-            record = json.loads(path.read_text())
-            int(record["samples"]), float(record["ncll"])
-        except (OSError, ValueError, KeyError, TypeError):
+            record = json.loads(read_regular_text(path) or "null")
+        except ValueError:
             return None
-        if identity is None:
+        if identity is None or _evaluation_problem(record) is not None:
             return None
+        record["run_dir"] = str(
+            path.parent
+        )  # the run is the folder it is in, wherever it was copied from
         if "step" in record:
             current = (
                 record["step"] == identity["step"] and record.get("run_id") == identity["run_id"]
@@ -366,6 +380,9 @@ class Run:
 def runs_in(runs_dir: str | Path) -> list[Run]:
     """The run directories in a runs directory, by name (runs being trained included)."""
     runs_dir = Path(runs_dir)
+    problem = _folder_problem(runs_dir)
+    if problem:
+        raise RunError(problem)
     folders = sorted(runs_dir.iterdir()) if runs_dir.is_dir() else []
     return [Run(p) for p in folders if (p / CHECKPOINT).is_file() or (p / CONFIG).is_file()]
 
@@ -416,6 +433,81 @@ def load_run(
     return Run(run_dir).load(device, log)
 
 
+def load_checkpoint_file(path: Path, device: torch.device | str = "cpu", mmap: bool = False) -> Any:
+    """The one way a run's checkpoint is read: with ``weights_only``, so that a file holding
+    anything but tensors, numbers, strings and containers of them (a pickled object that would
+    run code as it loads, in a run folder copied from elsewhere) is refused, not executed."""
+    try:
+        return torch.load(path, map_location=device, weights_only=True, mmap=mmap)
+    except PermissionError as e:
+        raise RunError(f"{path} cannot be read ({e.strerror}); check its permissions.") from None
+    except pickle.UnpicklingError as e:
+        found = re.search(
+            r"WeightsUnpickler error: (.*?)(?: was not an allowed|\.? Please|\n|$)", str(e)
+        )
+        what = found.group(1) if found else type(e).__name__
+        raise RunError(
+            f"{path} holds more than weights and numbers ({what}): loading it could run code, so it "
+            "is refused; delete it, or train again with --force, unless you trust where it came from."
+        ) from None
+    except Exception as e:
+        raise RunError(
+            f"{path} cannot be read ({type(e).__name__}): it is truncated or corrupt; delete it "
+            "and train again with --force."
+        ) from None
+
+
+# what a saved evaluation's fields must be (``evaluate.Evaluation``); samples and ncll it must hold
+_TEXT, _COUNT, _NUMBER = "text", "count", "number"
+_EVALUATION_FIELDS = {
+    "run_dir": _TEXT,
+    "variant": _TEXT,
+    "split": _TEXT,
+    "mask": _TEXT,
+    "proposal": _TEXT,
+    "run_id": _TEXT,
+    "epochs": _COUNT,
+    "inputs": _COUNT,
+    "samples": _COUNT,
+    "images": _COUNT,
+    "seed": _COUNT,
+    "step": _COUNT,
+    "ncll": _NUMBER,
+    "ncll_se": _NUMBER,
+    "ess_mean": _NUMBER,
+    "seconds": _NUMBER,
+}
+_MAX_NCLL = (
+    1e6  # nats per image: far beyond any model's (784 pixels), far below what overflows a plot
+)
+
+
+def _evaluation_problem(record: Any) -> str | None:
+    """Why a saved evaluation cannot be used (a field of the wrong type, not finite, out of
+    range), or None. ``ncll_se`` may be NaN (one image has no standard error); None where a
+    field may be absent (``inputs``, ``step``, ``run_id``)."""
+    if not isinstance(record, dict):
+        return "not a JSON object"
+    if "samples" not in record or "ncll" not in record:
+        return "no samples or ncll"
+    for name, kind in _EVALUATION_FIELDS.items():
+        value = record.get(name)
+        if value is None and name not in ("samples", "ncll"):
+            continue
+        if kind == _TEXT:
+            ok = isinstance(value, str)
+        elif kind == _COUNT:
+            ok = isinstance(value, int) and not isinstance(value, bool) and value >= 0
+        else:
+            ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+            ok = ok and (math.isfinite(value) or (name == "ncll_se" and math.isnan(value)))
+        if not ok:
+            return f"{name} is {value!r}"
+    if record["samples"] < 1 or abs(record["ncll"]) > _MAX_NCLL or record.get("images") == 0:
+        return "samples, images or ncll out of range"
+    return None
+
+
 def _checkpoint_problem(checkpoint: Any) -> str | None:
     if not isinstance(checkpoint, dict):
         return f"a {type(checkpoint).__name__}, not a dict"
@@ -427,7 +519,64 @@ def _checkpoint_problem(checkpoint: Any) -> str | None:
 
 
 def _read_text(path: Path) -> str | None:
+    return read_regular_text(path)
+
+
+def _folder_problem(path: Path) -> str | None:
+    """Why ``path`` cannot be (or be made) a folder: it, or a folder above it, is a file or a
+    symbolic link to nothing."""
+    for p in (path, *path.parents):
+        if p.is_symlink() and not p.exists():
+            return (
+                f"{p} is a symbolic link to {os.readlink(p)}, which does not exist; create that "
+                "folder or name another one."
+            )
+        if p.exists():
+            if p.is_dir():
+                return None
+            return f"{p} is a file, not a folder; name a folder (or a new path) instead."
+    return None
+
+
+def check_output(out: str | Path, force: bool = False) -> None:
+    """Refuse an ``--out`` that would replace a file of a run (checkpoint, config, metrics,
+    evaluations, lock, log: never), or an existing file that is not a picture this program
+    wrote (unless ``force``)."""
+    out = Path(out)
+    target = Path(os.path.realpath(out))  # a symbolic link is written through
+    if target.is_dir():
+        raise OptionError(f"--out {out} is a folder; name a .png file (in it, say).")
+    if _is_run_file(target):
+        raise OptionError(
+            f"--out {out} is a file of the run in {target.parent}, which a picture must never "
+            "replace; choose another path."
+        )
+    if (target.exists() or target.is_symlink()) and not force and not is_our_png(target):
+        raise OptionError(
+            f"--out {out} exists and is not a picture this program wrote; choose another path, "
+            "or pass --force to replace it."
+        )
+
+
+PNG_MARK = b"tEXtSoftware\x00pyro-cvae"  # the text chunk ``plots.save_png`` writes
+
+
+def is_our_png(path: Path) -> bool:
+    """Whether ``path`` is a regular file holding a PNG this program wrote."""
     try:
-        return path.read_text()
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
     except OSError:
-        return None
+        return False
+    with os.fdopen(fd, "rb") as f:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            return False
+        head = f.read(4096)
+    return head.startswith(b"\x89PNG\r\n\x1a\n") and PNG_MARK in head
+
+
+def _is_run_file(path: Path) -> bool:
+    named = path.name in (CHECKPOINT, CONFIG, METRICS, LOCK, SWEEP_LOG) or re.fullmatch(
+        r"eval-.+\.json", path.name
+    )
+    folder = path.parent
+    return bool(named) and ((folder / CHECKPOINT).exists() or (folder / CONFIG).exists())

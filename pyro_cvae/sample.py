@@ -25,8 +25,8 @@ from matplotlib.lines import Line2D
 from matplotlib.textpath import TextPath
 from torchvision.utils import make_grid
 
-from .config import Context, SampleConfig, require_at_least_one, with_options
-from .data import SIDE, Mask, evaluation_masks, visible_input
+from .config import Context, OptionError, SampleConfig, require_at_least_one, with_options
+from .data import SIDE, Mask, check_images, evaluation_masks, visible_input
 from .model import CVAE, Baseline, hidden_pixels
 from .plots import DPI, save_png
 from .runs import Run, baseline_run_dir, comparison_path, require_trained_runs
@@ -55,6 +55,7 @@ def completions(
     own z from the prior p(z|x); the ``y`` site's distribution is over the hidden pixels only and
     its mean is their probabilities. A deterministic model has no z: S is 1."""
     require_at_least_one(num_samples=num_samples)
+    check_images(images, hidden)
     particles = 1 if cvae.deterministic else num_samples
     with pyro.plate("particles", particles, dim=-2):
         trace = poutine.trace(cvae.model).get_trace(visible_input(images, hidden), None, hidden)
@@ -163,6 +164,30 @@ def _first_images(config: SampleConfig, context: Context) -> tuple[torch.Tensor,
     return images[: config.num_images].to(context.device), len(images)
 
 
+MAX_PICTURE_PX = 2**16 - 1  # Agg draws no picture larger than this in either direction
+
+
+def _require_picture_fits(num_images: int, num_samples: int, blocks: int, fixed_rows: int) -> None:
+    """Refuse a grid too large to draw, before any work: ``fixed_rows`` rows, plus ``num_samples``
+    rows for each of ``blocks`` runs, of ``num_images`` columns of 28-pixel cells."""
+    cell = SCALE * (SIDE + PAD)
+    height = TITLE_PX + SCALE * PAD + cell * (fixed_rows + blocks * num_samples)
+    width = LABEL_PX + SCALE * PAD + cell * num_images
+    if height > MAX_PICTURE_PX:
+        most = (MAX_PICTURE_PX - TITLE_PX - SCALE * PAD) // cell - fixed_rows
+        raise OptionError(
+            f"--num-samples {num_samples} makes a picture {height:,} pixels tall (a row of "
+            f"{cell} pixels per sample{f' for each of {blocks} runs' if blocks > 1 else ''}); "
+            f"at most {MAX_PICTURE_PX:,} can be drawn: ask for at most {max(1, most // blocks)}."
+        )
+    if width > MAX_PICTURE_PX:
+        most = (MAX_PICTURE_PX - LABEL_PX - SCALE * PAD) // cell
+        raise OptionError(
+            f"--num-images {num_images} makes a picture {width:,} pixels wide; at most "
+            f"{MAX_PICTURE_PX:,} can be drawn: ask for at most {most}."
+        )
+
+
 def _masks_text(mask: Mask, inputs: int | None) -> str:
     return "random masks" if mask is Mask.random else f"fixed masks, {inputs} visible"
 
@@ -188,6 +213,7 @@ def sample_grid(
         options.setdefault("device", "cpu")
     config, context = with_options(SampleConfig, config, context, options)
     device, seed, num_images = context.device, config.seed, config.num_images
+    _require_picture_fits(num_images, config.num_samples, blocks=1, fixed_rows=3)
     run = Run(run_dir)
     cvae, trained, checkpoint = run.load(device)
     cvae.eval()
@@ -242,6 +268,8 @@ def compare_runs(
     groups: dict[tuple[Mask, int | None], list[Path]] = {}
     for run_dir, trained in require_trained_runs(runs_dir):
         groups.setdefault((trained.mask, trained.inputs), []).append(run_dir)
+    for run_dirs in groups.values():
+        _require_picture_fits(num_images, config.num_samples, blocks=len(run_dirs), fixed_rows=2)
     if out is not None and len(groups) > 1:
         raise ValueError(
             f"--out names one picture, but the runs in {runs_dir} use {len(groups)} masking "

@@ -15,9 +15,9 @@ from typing import Callable
 import pyro
 import torch
 
-from .config import TrainConfig, resolve_device
-from .console import Progress, StopOnInterrupt
-from .data import Batch, epoch_batches, load_split, steps_per_epoch
+from .config import TrainConfig, require_memory, resolve_device
+from .console import Progress, StopOnInterrupt, signal_name
+from .data import PIXELS, Batch, check_limit, epoch_batches, load_split, steps_per_epoch
 from .model import CVAE, get_variant
 from .objectives import TrainingObjective, objective_backward
 from .runs import Run, RunError, baseline_run_dir, default_run_dir, new_run_id
@@ -70,6 +70,7 @@ class TrainResult:
     steps: int
     seconds: float
     status: Status
+    signum: int | None = None  # the signal that interrupted it
 
 
 def train(
@@ -126,7 +127,9 @@ def train(
         if images is None:
             images, _ = load_split("train", data_dir, config.limit)
         elif config.limit is not None:
+            check_limit(config.limit, len(images))
             images = images[: config.limit]
+        _require_step_memory(config, min(config.batch_size, len(images)), device)
         images = images.to(device)
         pretrained = None
         if checkpoint is None and get_variant(config.variant).pretrained:
@@ -134,6 +137,26 @@ def train(
         return _train_loop(
             config, run, checkpoint, images, pretrained, device, log, progress, on_checkpoint
         )
+
+
+STEP_TENSORS = 16  # a step's peak, in (K, B, 784) float tensors (measured: 8 to 14 on CPU)
+
+
+def _require_step_memory(config: TrainConfig, batch: int, device: torch.device) -> None:
+    """Refuse K particles of a batch whose step cannot fit in memory, before it allocates."""
+    k = config.particles
+    require_memory(
+        device,
+        per_unit=batch * PIXELS * 4 * STEP_TENSORS,
+        units=k,
+        what=f"--particles {k} with --batch-size {config.batch_size} (K x B x {PIXELS} pixels "
+        f"x 4 bytes x ~{STEP_TENSORS} tensors of a step)",
+        fits=lambda n: (
+            f"at most --particles {n} fits with this batch size"
+            if n >= 1
+            else "a smaller --batch-size is needed"
+        ),
+    )
 
 
 def _pretrained_baseline(
@@ -222,8 +245,8 @@ def _train_loop(
             # stopped mid-epoch: the epoch's sums so far are saved, to count in its record
             training.save(training.tally.partial() if training.batch else None)
             log(
-                f"interrupted at step {training.step}: checkpoint saved in {run.path}; "
-                "run the same command to resume."
+                f"interrupted at step {training.step} ({signal_name(stop.signum)}): checkpoint "
+                f"saved in {run.path}; run the same command to resume."
             )
             status = Status.interrupted
         except _Diverged as e:
@@ -231,9 +254,8 @@ def _train_loop(
                 f"loss became {e.value} at step {e.step} (epoch {e.epoch + 1}); training stopped "
                 f"and {training.kept()}. Try a smaller --lr or another --seed."
             ) from None
-    return TrainResult(
-        run.path, training.epoch, training.step, time.perf_counter() - started, status
-    )
+    seconds = time.perf_counter() - started
+    return TrainResult(run.path, training.epoch, training.step, seconds, status, stop.signum)
 
 
 class _Stop(Exception):

@@ -354,27 +354,75 @@ def test_a_saved_config_of_the_wrong_type_is_named():
     assert legacy.inputs is None and legacy.hybrid_weight is None
 
 
-def test_ctrl_c_while_the_command_starts_is_one_line(tmp_path):
+def _wait_for(condition, proc: subprocess.Popen, seconds: float = 120) -> None:
+    """Poll ``condition`` until it holds; fail if the process ends first or it never does."""
+    deadline = time.monotonic() + seconds
+    while not condition():
+        assert proc.poll() is None, f"the command ended first: {proc.communicate()}"
+        assert time.monotonic() < deadline, "the state never came"
+        time.sleep(0.01)
+
+
+def _torch_loading(pid: int) -> bool:
+    try:
+        return "libtorch" in Path(f"/proc/{pid}/maps").read_text()
+    except OSError:
+        return False
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM, signal.SIGHUP])
+def test_ctrl_c_while_the_command_starts_is_one_line(tmp_path, signum):
+    """Ctrl-C, a scheduler's SIGTERM or a closed terminal's SIGHUP while torch loads: the command
+    ends on it (no training started), in one line, with 128 + the signal's number."""
+    pytest.importorskip("fcntl")  # POSIX signals and /proc
+    if not Path("/proc/self/maps").exists():
+        pytest.skip("no /proc to see the imports under way")
     proc = subprocess.Popen(
         [sys.executable, "-m", "pyro_cvae", "train", "--runs-dir", str(tmp_path / "runs")],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
     )
-    # interrupt once torch's library is loading: the heavy imports are under way, the run is not started
-    maps = Path(f"/proc/{proc.pid}/maps")
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline and proc.poll() is None:
-        try:
-            if "libtorch" in maps.read_text():
-                break
-        except OSError:
-            pass
-        time.sleep(0.01)
-    proc.send_signal(signal.SIGINT)
-    out, err = proc.communicate(timeout=60)
-    assert proc.returncode == 130 and "Traceback" not in err and "interrupted" in err
+    try:
+        # interrupt once torch's library is loading: the heavy imports are under way, the run is not started
+        _wait_for(lambda: _torch_loading(proc.pid), proc)
+        proc.send_signal(signum)
+        out, err = proc.communicate(timeout=120)
+    finally:
+        proc.kill()
+        proc.wait()
+    assert proc.returncode == 128 + signum, out + err
+    assert "Traceback" not in err and len(err.strip().splitlines()) == 1, err
+    assert "interrupted" in err and "from scratch" not in out
     assert not (tmp_path / "runs").exists()
+
+
+def test_a_run_terminated_as_it_starts_leaves_no_lock(tmp_path, mnist_dir):
+    """SIGTERM while the run is locked and its data load: the lock goes, and the run folder with it."""
+    run_dir = tmp_path / "runs" / "baseline"
+    proc = subprocess.Popen(
+        [
+            *[sys.executable, "-m", "pyro_cvae", "train", "--variant", "baseline"],
+            *["--limit", "64", "--batch-size", "8", "--threads", "1", "--no-progress"],
+            *["--data-dir", str(mnist_dir), "--run-dir", str(run_dir)],
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        _wait_for(lambda: (run_dir / LOCK).exists(), proc)
+        proc.send_signal(signal.SIGTERM)
+        out, err = proc.communicate(timeout=120)
+    finally:
+        proc.kill()
+        proc.wait()
+    assert proc.returncode == 143 and "Traceback" not in err, out + err
+    assert "interrupted" in out + err
+    assert not (run_dir / LOCK).exists()
+    assert not run_dir.exists() or (run_dir / CHECKPOINT).is_file(), (
+        "a folder holding only the lock"
+    )
 
 
 # ------------------------------------------------------------------ messages that say what is wrong
