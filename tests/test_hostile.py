@@ -187,13 +187,13 @@ def test_sigterm_or_sighup_in_training_saves_a_checkpoint_and_says_so(
         (
             ["evaluate", "--samples", "2", "--limit", "8"],
             "pyro_cvae.evaluate",
-            "ncll_per_image",
+            "_ncll_drawn",
             signal.SIGINT,
         ),
         (
             ["evaluate", "--samples", "2", "--limit", "8"],
             "pyro_cvae.evaluate",
-            "ncll_per_image",
+            "_ncll_drawn",
             signal.SIGTERM,
         ),
         (
