@@ -14,6 +14,7 @@ import torch
 from .estimators import GuideGradient
 from .model import VARIANTS, Elbo, Objective, get_variant, guide_gradient_problem
 
+PROPOSALS = ("guide", "tuned", "refined")  # evaluation proposals (proposals.ProposalKind)
 SEED_LIMIT = 2**32  # numpy's seeds (set by pyro.set_rng_seed) are 32-bit
 
 
@@ -247,11 +248,18 @@ class EvalConfig:
         50  # images per chunk: with S = 100 particles, 5,000 rows fit the CPU cache best
     )
     seed: int = 0  # of the evaluation masks and the z draws
+    proposal: str | None = None  # guide, tuned or refined (proposals); None: the best the run has
 
     def validate(self) -> "EvalConfig":
         require_at_least_one(samples=self.samples, limit=self.limit, batch_size=self.batch_size)
         check_seed(self.seed)
         self.split = check_split(self.split)
+        if self.proposal is not None:
+            self.proposal = getattr(self.proposal, "value", self.proposal)
+            if self.proposal not in PROPOSALS:
+                raise OptionError(
+                    f"--proposal must be one of {', '.join(PROPOSALS)}, got {self.proposal!r}."
+                )
         return self
 
 

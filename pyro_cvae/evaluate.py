@@ -24,6 +24,7 @@ import torch
 from .config import EvalConfig, require_at_least_one, resolve_device
 from .data import evaluation_masks, load_split, visible_input, whole_split_limit
 from .model import CVAE, Proposal, get_variant
+from .proposals import ChunkProposal, Refine, choose, plan
 from .runs import Run, RunError, require_trained_runs
 
 
@@ -34,10 +35,17 @@ def _log_prob_per_image(trace) -> torch.Tensor:
 
 
 def log_weights(
-    cvae: CVAE, x: torch.Tensor, y: torch.Tensor, hidden: torch.Tensor, samples: int
+    cvae: CVAE,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    hidden: torch.Tensor,
+    samples: int,
+    proposal: Callable | None = None,
 ) -> torch.Tensor:
-    """Importance log-weights ``(S, B)``: log p(y, z_s | x) - log q(z_s | x, y)."""
-    proposal, _ = cvae.proposal()
+    """Importance log-weights ``(S, B)``: log p(y, z_s | x) - log q(z_s | x, y), with z_s drawn
+    from ``proposal`` (a guide of these images; default the model's, ``CVAE.proposal``)."""
+    if proposal is None:
+        proposal, _ = cvae.proposal()
     with pyro.plate("particles", samples, dim=-2):
         guide_trace = poutine.trace(proposal).get_trace(x, y, hidden)
         model_trace = poutine.trace(poutine.replay(cvae.model, trace=guide_trace)).get_trace(
@@ -57,6 +65,7 @@ def ncll_per_image(
     image_batch: int = 50,
     max_rows: int = 5_000,
     progress: Callable[[int], None] | None = None,
+    proposal: ChunkProposal | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """NCLL ``(N,)`` and effective sample size ``(N,)`` of each image ``(N, 784)``.
 
@@ -64,7 +73,8 @@ def ncll_per_image(
     keep ``particles * images <= max_rows``, so memory is bounded whatever S is (chunks of
     about 5,000 rows stay in the CPU's cache: 30% faster than 25,000 here). Chunks of
     particles are combined exactly with a running logsumexp. ``progress`` is told the number of
-    images done after each chunk."""
+    images done after each chunk. ``proposal`` gives the guide of each chunk of images (default:
+    the model's, ``CVAE.proposal``); it is made before the chunk's S draws (``proposals``)."""
     require_at_least_one(samples=samples)
     samples = cvae.variant.importance_samples(samples)
     ncll, ess = [], []
@@ -73,9 +83,10 @@ def ncll_per_image(
         h = hidden[start : start + image_batch]
         x = visible_input(y, h)
         per_chunk = max(1, min(samples, max_rows // len(y)))
+        guide = None if proposal is None else proposal(x, y, h)
         lse = lse2 = torch.full((len(y),), -math.inf, device=y.device)
         for done in range(0, samples, per_chunk):
-            lw = log_weights(cvae, x, y, h, min(per_chunk, samples - done))
+            lw = log_weights(cvae, x, y, h, min(per_chunk, samples - done), guide)
             lse = torch.logaddexp(lse, lw.logsumexp(0))
             lse2 = torch.logaddexp(lse2, (2 * lw).logsumexp(0))
         ncll.append(math.log(samples) - lse)
@@ -100,13 +111,15 @@ class Evaluation:
     ncll: float
     ncll_se: float
     ess_mean: float
-    proposal: str
+    proposal: str  # guide, tuned or refined (proposals.ProposalKind)
     seed: int
     seconds: float
     step: int | None = (
         None  # of the checkpoint evaluated: the result counts while that checkpoint is the run's
     )
     run_id: str | None = None
+    proposal_detail: str | None = None  # what the proposal is, and its settings
+    proposal_id: str | None = None  # proposals.Chosen.identity
     path: str | None = None  # where it was saved
 
 
@@ -122,16 +135,16 @@ def evaluate_run(
     images: torch.Tensor | None = None,
     log: Callable[[str], None] = print,
     progress: Callable[[int, int], None] | None = None,
+    proposal: str | None = EvalConfig.proposal,
+    refine: Refine | None = None,
 ) -> Evaluation:
-    """Evaluate a trained run and write its results file (one per split, S, image count and
-    seed). ``images`` ``(N, 784)`` replaces the MNIST split; ``progress`` is told (images done,
-    images in all) as the work goes. A result that cannot be saved is a ``RunError`` whose
-    message holds the NCLL."""
-    split = (
-        EvalConfig(samples=samples, split=split, limit=limit, batch_size=batch_size, seed=seed)
-        .validate()
-        .split.value
-    )
+    """Evaluate a trained run and write its results file (one per split, S, image count, seed
+    and proposal). ``images`` ``(N, 784)`` replaces the MNIST split; ``progress`` is told
+    (images done, images in all) as the work goes; ``proposal``: guide, tuned or refined (None:
+    the best the run has, ``proposals.choose``), refined with ``refine``'s settings. A result
+    that cannot be saved is a ``RunError`` whose message holds the NCLL."""
+    config = EvalConfig(samples, split, limit, batch_size, seed, proposal).validate()
+    split = config.split.value
     device = resolve_device(device) if isinstance(device, str) else device
     run = Run(run_dir)
     cvae, config, checkpoint = run.load(device, log)
@@ -144,14 +157,20 @@ def evaluate_run(
     hidden = evaluation_masks(len(images), config.mask, config.inputs, seed)
     if limit is not None:
         images, hidden = images[:limit], hidden[:limit]
-    _, proposal = cvae.proposal()
-    if proposal is Proposal.prior:
+    chosen = choose(run, cvae, checkpoint, proposal, refine, log)
+    if cvae.proposal()[1] is Proposal.prior and chosen.kind.value == "guide":
         log("note: this run has no recognition net: the prior p(z|x) is the importance proposal.")
     pyro.set_rng_seed(seed)
     started = time.perf_counter()
     report = None if progress is None else lambda done: progress(done, len(images))
     ncll, ess = ncll_per_image(
-        cvae, images.to(device), hidden.to(device), samples, image_batch=batch_size, progress=report
+        cvae,
+        images.to(device),
+        hidden.to(device),
+        samples,
+        image_batch=batch_size,
+        progress=report,
+        proposal=chosen.chunks,
     )
     seconds = time.perf_counter() - started
     result = Evaluation(
@@ -166,11 +185,13 @@ def evaluate_run(
         ncll=ncll.mean().item(),
         ncll_se=(ncll.std() / math.sqrt(len(ncll))).item() if len(ncll) > 1 else float("nan"),
         ess_mean=ess.mean().item(),
-        proposal=proposal.value,
+        proposal=chosen.kind.value,
         seed=seed,
         seconds=round(seconds, 2),
         step=int(checkpoint["step"]),
         run_id=checkpoint.get("run_id"),
+        proposal_detail=chosen.detail,
+        proposal_id=chosen.identity,
     )
     record = asdict(result)
     del record["path"]
@@ -178,7 +199,8 @@ def evaluate_run(
         result.path = str(run.write_evaluation(record, limit))
     except OSError as e:
         raise RunError(
-            f"NCLL {result.ncll:.3f} ± {result.ncll_se:.3f} ({result.images} {split} images, S={result.samples}) "
+            f"NCLL {result.ncll:.3f} ± {result.ncll_se:.3f} ({result.images} {split} images, S={result.samples}, "
+            f"{result.proposal} proposal) "
             f"could not be saved in {run.path} ({type(e).__name__}: {e}); free space or fix its permissions "
             "and evaluate again."
         ) from None
@@ -186,10 +208,15 @@ def evaluate_run(
 
 
 def saved_evaluation(
-    run_dir: str | Path, split: str, samples: int, limit: int | None, seed: int
+    run_dir: str | Path,
+    split: str,
+    samples: int,
+    limit: int | None,
+    seed: int,
+    proposal: str = "guide",
 ) -> Evaluation | None:
     """The run's saved evaluation with these options (S as drawn), if it is of its present weights."""
-    record = Run(run_dir).current_evaluation(split, samples, limit, seed)
+    record = Run(run_dir).current_evaluation(split, samples, limit, seed, proposal)
     try:
         return Evaluation(**record) if record is not None else None
     except TypeError:  # a record of another shape
@@ -209,32 +236,40 @@ def evaluate_runs(
     images: torch.Tensor | None = None,
     log: Callable[[str], None] = print,
     progress: Callable[[int, int, str], None] | None = None,
+    proposal: str | None = EvalConfig.proposal,
+    refine: Refine | None = None,
 ) -> list[tuple[Evaluation, bool]]:
     """Evaluate every trained run in ``runs_dir`` (``runs.trained_runs``), reusing a saved
-    evaluation that is still current unless ``force``: (evaluation, whether it was reused) per
-    run. ``progress`` is told (images done, images in all, run name) over all the runs to do."""
-    split = (
-        EvalConfig(samples=samples, split=split, limit=limit, batch_size=batch_size, seed=seed)
-        .validate()
-        .split.value
-    )
+    evaluation that is still current (same weights, same proposal) unless ``force``:
+    (evaluation, whether it was reused) per run. ``proposal`` None: each run's best; a run that
+    cannot have the one asked (no tuned proposal, or a void one) is left out, saying why.
+    ``progress`` is told (images done, images in all, run name) over all the runs to do."""
+    config = EvalConfig(samples, split, limit, batch_size, seed, proposal).validate()
+    split = config.split.value
     runs = require_trained_runs(runs_dir)
     if images is None:
         images, _ = load_split(split, data_dir)
     limit = whole_split_limit(limit, len(images))  # as evaluate_run names it
     count = limit if limit is not None else len(images)
     results: dict[Path, tuple[Evaluation, bool]] = {}
+    planned = {}
     for run_dir, config in runs:
-        saved = (
-            None
-            if force
-            else saved_evaluation(
-                run_dir, split, get_variant(config.variant).importance_samples(samples), limit, seed
-            )
-        )
-        if saved is not None:
+        try:
+            planned[run_dir] = plan(run_dir, proposal, refine)
+        except RunError as e:
+            log(f"{run_dir.name} left out: {e}")
+            continue
+        kind, identity = planned[run_dir].kind.value, planned[run_dir].identity
+        S = get_variant(config.variant).importance_samples(samples)
+        saved = None if force else saved_evaluation(run_dir, split, S, limit, seed, kind)
+        if saved is not None and (saved.proposal_id or "guide") == identity:
             results[run_dir] = (saved, True)
-    to_do = [run_dir for run_dir, _ in runs if run_dir not in results]
+    if not planned:
+        raise RunError(
+            f"no run in {runs_dir} has a {proposal} proposal; fit them with pyro-cvae tune-proposal "
+            "--run-dir DIR, or drop --proposal to use each run's best."
+        )
+    to_do = [run_dir for run_dir, _ in runs if run_dir in planned and run_dir not in results]
     for k, run_dir in enumerate(to_do):
 
         def report(done: int, _: int, before: int = k * count, name: str = run_dir.name) -> None:
@@ -251,10 +286,12 @@ def evaluate_runs(
             images=images,
             log=log,
             progress=report if progress else None,
+            proposal=proposal,
+            refine=refine,
         )
         log(
             f"{run_dir.name}: NCLL {result.ncll:.3f} ± {result.ncll_se:.3f} on {result.images} {split} images "
-            f"({result.seconds:.1f} s)"
+            f"with the {result.proposal} proposal ({result.seconds:.1f} s)"
         )
         results[run_dir] = (result, False)
-    return [results[run_dir] for run_dir, _ in runs]
+    return [results[run_dir] for run_dir, _ in runs if run_dir in results]
