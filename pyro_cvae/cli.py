@@ -300,7 +300,14 @@ def evaluate_cmd(
 
     _threads(threads)
     proposal = proposal and proposal.value
-    EvalConfig(samples, split, limit, batch_size, seed, proposal).validate()
+    EvalConfig(
+        samples=samples,
+        split=split,
+        limit=limit,
+        batch_size=batch_size,
+        seed=seed,
+        proposal=proposal,
+    ).validate()
     refine = Refine(refine_steps, refine_particles, refine_lr)
     target = select_run(run_dir, runs_dir, variant and variant.value, mask, inputs)
     options = dict(

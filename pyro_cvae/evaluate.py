@@ -143,7 +143,14 @@ def evaluate_run(
     (images done, images in all) as the work goes; ``proposal``: guide, tuned or refined (None:
     the best the run has, ``proposals.choose``), refined with ``refine``'s settings. A result
     that cannot be saved is a ``RunError`` whose message holds the NCLL."""
-    config = EvalConfig(samples, split, limit, batch_size, seed, proposal).validate()
+    config = EvalConfig(
+        samples=samples,
+        split=split,
+        limit=limit,
+        batch_size=batch_size,
+        seed=seed,
+        proposal=proposal,
+    ).validate()
     split = config.split.value
     device = resolve_device(device) if isinstance(device, str) else device
     run = Run(run_dir)
@@ -244,7 +251,14 @@ def evaluate_runs(
     (evaluation, whether it was reused) per run. ``proposal`` None: each run's best; a run that
     cannot have the one asked (no tuned proposal, or a void one) is left out, saying why.
     ``progress`` is told (images done, images in all, run name) over all the runs to do."""
-    config = EvalConfig(samples, split, limit, batch_size, seed, proposal).validate()
+    config = EvalConfig(
+        samples=samples,
+        split=split,
+        limit=limit,
+        batch_size=batch_size,
+        seed=seed,
+        proposal=proposal,
+    ).validate()
     split = config.split.value
     runs = require_trained_runs(runs_dir)
     if images is None:
@@ -253,14 +267,14 @@ def evaluate_runs(
     count = limit if limit is not None else len(images)
     results: dict[Path, tuple[Evaluation, bool]] = {}
     planned = {}
-    for run_dir, config in runs:
+    for run_dir, run_config in runs:
         try:
             planned[run_dir] = plan(run_dir, proposal, refine)
         except RunError as e:
             log(f"{run_dir.name} left out: {e}")
             continue
         kind, identity = planned[run_dir].kind.value, planned[run_dir].identity
-        S = get_variant(config.variant).importance_samples(samples)
+        S = get_variant(run_config.variant).importance_samples(samples)
         saved = None if force else saved_evaluation(run_dir, split, S, limit, seed, kind)
         if saved is not None and (saved.proposal_id or "guide") == identity:
             results[run_dir] = (saved, True)

@@ -109,6 +109,7 @@ def run_one(
                 data_dir=data_dir,
                 device="cpu",
                 log=log,
+                proposal="guide",  # the table's protocol, the reference's: the guide as trained
             )
             out["evaluations"].append(r.__dict__)
             log(
