@@ -350,3 +350,19 @@ def test_evaluating_every_run_reuses_a_saved_evaluation_of_the_same_proposal_onl
     again = evaluate_runs(runs, **other)
     assert [reused for _, reused in again] == [False, True]
     assert "from the tuned proposal" in again[0][0].proposal_detail
+
+
+def test_tune_proposal_refuses_what_it_cannot_tune(tmp_path):
+    runner = CliRunner()
+    result = runner.invoke(app, ["tune-proposal", "--runs-dir", str(tmp_path)])
+    assert result.exit_code == 2 and result.output.count("\n") == 1
+    assert "--run-dir DIR or --variant NAME" in result.output
+    run_dir = tmp_path / "runs" / "gsnn"
+    train_tiny(run_dir, "gsnn")
+    result = runner.invoke(app, ["tune-proposal", "--run-dir", str(run_dir), "--threads", "1"])
+    assert result.exit_code == 1 and result.output.count("\n") == 1, result.output
+    assert (
+        "no recognition net to tune" in result.output
+        and "--proposal guide or refined" in result.output
+    )
+    assert not (run_dir / "proposal-tuned.pt").exists()
