@@ -26,7 +26,7 @@ from .helpers import fake_images, train_tiny
 # ------------------------------------------------------------------ against the exact likelihood
 
 
-def _small_cvae(z_dim: int = 1, hidden: int = 32, steps: int = 150) -> CVAE:
+def _small_cvae(z_dim: int = 1, hidden: int = 32, steps: int = 60) -> CVAE:
     """``joint-scratch`` with z of ``z_dim`` dimensions and 32-unit nets, trained a little on fake
     digits (the meanfield ELBO), so that its guide is a proposal of the usual kind: close, not exact."""
     torch.manual_seed(0)
@@ -72,7 +72,7 @@ def small():
     images = fake_images(4, seed=7)  # not the images it was trained or tuned on
     hidden = evaluation_masks(4, seed=0)
     exact = _exact_ncll(cvae, images, hidden, 4001)
-    assert torch.allclose(exact, _exact_ncll(cvae, images, hidden, 16001), atol=1e-4), (
+    assert torch.allclose(exact, _exact_ncll(cvae, images, hidden, 8001), atol=1e-4), (
         "the grid resolves the integrand"
     )
     pyro.set_rng_seed(0)
@@ -93,13 +93,13 @@ def test_each_proposal_converges_to_the_exact_likelihood_and_bounds_it_in_expect
     proposal = chunk_proposals[kind]
     pyro.set_rng_seed(1)
     errors = {}
-    for samples in (10, 300, 20_000):
+    for samples in (10, 300, 5_000):
         ncll, ess = ncll_per_image(cvae, images, hidden, samples, proposal=proposal)
         errors[samples] = (ncll - exact).abs().max().item()
-    # the estimate's own error at S=20,000: sd(w)/mean(w)/sqrt(S) by the delta method, from the ESS
+    # the estimate's own error at S=5,000: sd(w)/mean(w)/sqrt(S) by the delta method, from the ESS
     relative_se = ((samples / ess - 1).clamp(min=0) / samples).sqrt().max().item()
-    assert errors[20_000] < 4 * relative_se + 1e-3, (kind, errors, relative_se)
-    assert errors[20_000] < errors[10], (kind, errors)
+    assert errors[5_000] < 4 * relative_se + 1e-3, (kind, errors, relative_se)
+    assert errors[5_000] < errors[10], (kind, errors)
     # S=100, repeated: the mean of -log(mean w) is above the exact value (Jensen), never below
     repeats = 200
     ncll, _ = ncll_per_image(
