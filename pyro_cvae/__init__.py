@@ -34,6 +34,8 @@ _HOME = {  # exported name -> the module that defines it
     "evaluate_run": "evaluate",
     "evaluate_runs": "evaluate",
     "ncll_per_image": "evaluate",
+    "tune_proposal": "proposals",
+    "Refine": "config",
     "completions": "sample",
     "sample_grid": "sample",
     "compare_runs": "sample",

@@ -13,11 +13,12 @@ import typer
 from rich.markup import escape
 
 from . import data as data_lib
-from .config import EvalConfig, SampleConfig, TrainConfig
+from .config import EvalConfig, Refine, SampleConfig, TrainConfig
 from .console import Column, Progress, console, errors, print_table
 from .data import Mask, Split
 from .model import VARIANTS
 from .objectives import Elbo, GuideGradient
+from .proposals import TUNE_BATCH, TUNE_LR, TUNE_PARTICLES, TUNE_STEPS
 
 app = typer.Typer(
     add_completion=False,
@@ -68,6 +69,12 @@ ForceOut = Annotated[
         "own files are never replaced)."
     ),
 ]
+
+
+class ProposalName(str, enum.Enum):  # proposals.ProposalKind, without importing torch here
+    guide = "guide"
+    tuned = "tuned"
+    refined = "refined"
 
 
 def _friendly(
@@ -289,18 +296,43 @@ def evaluate_cmd(
     ] = False,
     mask: RunMask = None,
     inputs: RunInputs = None,
+    proposal: Annotated[
+        Optional[ProposalName],
+        typer.Option(
+            help="Importance proposal: guide (the recognition net as trained), tuned (fitted by "
+            "tune-proposal), refined (per image, from tuned or else the guide). Default: the best "
+            "the run has (refined)."
+        ),
+    ] = None,
+    refine_steps: Annotated[
+        int, typer.Option(help="refined: Adam steps per image.")
+    ] = Refine.steps,
+    refine_particles: Annotated[
+        int, typer.Option(help="refined: draws K per step, fresh each step.")
+    ] = Refine.particles,
+    refine_lr: Annotated[
+        float, typer.Option(help="refined: Adam learning rate on loc and log-scale.")
+    ] = Refine.lr,
     data_dir: DataDir = None,
     device: DeviceOpt = Device.auto,
     threads: Threads = None,
 ) -> None:
     """NCLL of a trained run by importance sampling, printed and saved in the run directory; with
-    no run named, of every trained run in RUNS_DIR, in one table."""
+    no run named, of every trained run in RUNS_DIR, in one table. Each figure names its proposal."""
     from .config import Context
     from .evaluate import evaluate_run, evaluate_runs
     from .runs import select_run
 
     _threads(threads)
-    config = EvalConfig(samples, split, limit, batch_size, seed)
+    config = EvalConfig(
+        samples,
+        split,
+        limit,
+        batch_size,
+        seed,
+        proposal and proposal.value,
+        Refine(refine_steps, refine_particles, refine_lr),
+    )
     target = select_run(run_dir, runs_dir, variant and variant.value, mask, inputs)
     with Progress(
         target.name if target else "evaluating", total=0, unit="images", transient=True
@@ -317,9 +349,14 @@ def evaluate_cmd(
         r = results[0][0]
         console.print(
             f"masks: {r.mask}{'' if r.inputs is None else f' ({r.inputs} visible)'}, seed {r.seed}; "
-            f"proposal: {r.proposal}; saved {escape(str(r.path))}",
+            f"proposal: {r.proposal}, {escape(r.proposal_detail or '')}; saved {escape(str(r.path))}",
             highlight=False,
         )
+
+
+def _exact(variant: str) -> bool:
+    """Whether a variant's NCLL is exact (no latent): no proposal to name."""
+    return variant in VARIANTS and VARIANTS[variant].importance_samples(2) == 1
 
 
 def _print_evaluations(results, split: str) -> None:
@@ -333,7 +370,7 @@ def _print_evaluations(results, split: str) -> None:
         # a difference only for an evaluation measured as the reference was (whole split, S=100)
         difference = (
             f"{r.ncll - ref.ncll:+.2f}"
-            if ref and comparable(r.variant, r.images, r.samples)
+            if ref and comparable(r.variant, r.images, r.samples, r.proposal)
             else "-"
         )
         compared = [f"{ref.ncll:.2f}", difference, ref.source.value] if ref else ["-"] * 3
@@ -343,6 +380,7 @@ def _print_evaluations(results, split: str) -> None:
                 str(r.epochs),
                 str(r.images),
                 str(r.samples),
+                "exact" if _exact(r.variant) else r.proposal,
                 f"{r.ncll:.2f} ± {r.ncll_se:.2f}",
                 *compared,
                 f"{r.ess_mean:.1f}",
@@ -354,6 +392,7 @@ def _print_evaluations(results, split: str) -> None:
         Column("epochs", justify="right"),
         Column("images", justify="right"),
         Column("S", justify="right"),
+        Column("proposal"),
         Column("NCLL ± SE (nats)", justify="right"),
         Column("reference", justify="right"),
         Column("− reference", justify="right"),
@@ -362,6 +401,71 @@ def _print_evaluations(results, split: str) -> None:
         Column("seconds", justify="right"),
     ]
     print_table(f"NCLL of the hidden pixels, {split} images (lower is better)", columns, rows)
+
+
+@app.command("tune-proposal")
+@_friendly
+def tune_proposal_cmd(
+    variant: RunOf = None,
+    run_dir: RunDir = None,
+    runs_dir: RunsDir = Path("runs"),
+    particles: Annotated[
+        int, typer.Option(help="K of the bound, = the S it will be evaluated with.")
+    ] = TUNE_PARTICLES,
+    steps: Annotated[int, typer.Option(help="Adam steps at most.")] = TUNE_STEPS,
+    batch_size: Annotated[int, typer.Option(help="Training images per step.")] = TUNE_BATCH,
+    lr: Annotated[float, typer.Option(help="Adam learning rate.")] = TUNE_LR,
+    budget: Annotated[
+        Optional[float],
+        typer.Option(
+            help="Seconds at most (default: 15% of the run's training time, from its metrics)."
+        ),
+    ] = None,
+    seed: Annotated[int, typer.Option(help="Seed of the order, masks and draws.")] = 0,
+    mask: RunMask = None,
+    inputs: RunInputs = None,
+    data_dir: DataDir = None,
+    device: DeviceOpt = Device.auto,
+    threads: Threads = None,
+    progress: Annotated[
+        bool, typer.Option(help="Show a progress bar (else a line now and then).")
+    ] = True,
+) -> None:
+    """Fit an evaluation proposal (a copy of the recognition net) to a run's frozen model on its
+    training images; saved as RUN_DIR/proposal-tuned.pt, for evaluate --proposal tuned or refined.
+    Ctrl-C leaves nothing half-written (and the previous tuned proposal, if any)."""
+    from .proposals import tune_proposal
+    from .runs import select_run
+
+    _threads(threads)
+    target = select_run(run_dir, runs_dir, variant and variant.value, mask, inputs)
+    if target is None:
+        from .config import OptionError
+
+        raise OptionError("name the run to tune: --run-dir DIR or --variant NAME.")
+    with Progress(target.name, total=steps, enabled=progress) as bar:
+        result = tune_proposal(
+            target,
+            particles=particles,
+            steps=steps,
+            batch_size=batch_size,
+            lr=lr,
+            budget_s=budget,
+            seed=seed,
+            data_dir=data_dir,
+            device=device.value,
+            log=console.print,
+            progress=lambda done, total, bound: (
+                bar.update(done, f"bound {bound:.2f}") if done % 10 == 0 or done == total else None
+            ),
+        )
+    stopped = f", stopped by the budget of {result.budget_s:.0f} s" if result.steps < steps else ""
+    console.print(
+        f"[green]tuned[/] a proposal for {escape(str(target))}: {result.steps} steps in "
+        f"{result.seconds:.1f} s{stopped}, mean bound {result.bound:.2f} nats per image over the "
+        f"last steps; saved {escape(str(result.path))}",
+        highlight=False,
+    )
 
 
 @app.command("sample")

@@ -31,6 +31,7 @@ from .config import (
 )
 from .data import PIXELS, check_images, evaluation_masks, visible_input, whole_split_limit
 from .model import CVAE, Proposal, Variant, get_variant
+from .proposals import ChunkProposal, choose, filed_kind, plan
 from .runs import Run, RunError, require_trained_runs
 
 
@@ -41,10 +42,17 @@ def _log_prob_per_image(trace) -> torch.Tensor:
 
 
 def log_weights(
-    cvae: CVAE, x: torch.Tensor, y: torch.Tensor, hidden: torch.Tensor, samples: int
+    cvae: CVAE,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    hidden: torch.Tensor,
+    samples: int,
+    proposal: Callable | None = None,
 ) -> torch.Tensor:
-    """Importance log-weights ``(S, B)``: log p(y, z_s | x) - log q(z_s | x, y)."""
-    proposal, _ = cvae.proposal()
+    """Importance log-weights ``(S, B)``: log p(y, z_s | x) - log q(z_s | x, y), with z_s drawn
+    from ``proposal`` (a guide of these images; default the model's, ``CVAE.proposal``)."""
+    if proposal is None:
+        proposal, _ = cvae.proposal()
     with pyro.plate("particles", samples, dim=-2):
         guide_trace = poutine.trace(proposal).get_trace(x, y, hidden)
         model_trace = poutine.trace(poutine.replay(cvae.model, trace=guide_trace)).get_trace(
@@ -67,6 +75,7 @@ def ncll_per_image(
     image_batch: int = 50,
     max_rows: int = 5_000,
     progress: Callable[[int], None] | None = None,
+    proposal: ChunkProposal | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """NCLL ``(N,)`` and effective sample size ``(N,)`` of each image ``(N, 784)``.
 
@@ -74,14 +83,17 @@ def ncll_per_image(
     keep ``particles * images <= max_rows``, so memory is bounded whatever S is (chunks of
     about 5,000 rows stay in the CPU's cache: 30% faster than 25,000 here). Chunks of
     particles are combined exactly with a running logsumexp. ``progress`` is told the number of
-    images done after each chunk."""
+    images done after each chunk. ``proposal`` gives the guide of each chunk of images (default:
+    the model's, ``CVAE.proposal``); it is made before the chunk's S draws (``proposals``)."""
     require_at_least_one(samples=samples)
     check_images(images, hidden)
     samples = cvae.variant.importance_samples(samples)
-    return _ncll_drawn(cvae, images, hidden, samples, image_batch, max_rows, progress)
+    return _ncll_drawn(cvae, images, hidden, samples, image_batch, max_rows, progress, proposal)
 
 
-def _ncll_drawn(cvae, images, hidden, samples, image_batch, max_rows=5_000, progress=None):
+def _ncll_drawn(
+    cvae, images, hidden, samples, image_batch, max_rows=5_000, progress=None, proposal=None
+):
     """``ncll_per_image`` with ``samples`` the S drawn; refused before it allocates a chunk
     that cannot fit."""
     per_chunk = min(image_batch, len(images))
@@ -100,9 +112,10 @@ def _ncll_drawn(cvae, images, hidden, samples, image_batch, max_rows=5_000, prog
         h = hidden[start : start + image_batch]
         x = visible_input(y, h)
         per_chunk = max(1, min(samples, max_rows // len(y)))
+        guide = None if proposal is None else proposal(x, y, h)
         lse = lse2 = torch.full((len(y),), -math.inf, device=y.device)
         for done in range(0, samples, per_chunk):
-            lw = log_weights(cvae, x, y, h, min(per_chunk, samples - done))
+            lw = log_weights(cvae, x, y, h, min(per_chunk, samples - done), guide)
             lse = torch.logaddexp(lse, lw.logsumexp(0))
             lse2 = torch.logaddexp(lse2, (2 * lw).logsumexp(0))
         ncll.append(math.log(samples) - lse)
@@ -127,21 +140,26 @@ class Evaluation:
     ncll: float
     ncll_se: float
     ess_mean: float
-    proposal: str
+    proposal: str  # guide, tuned or refined (proposals.ProposalKind)
     seed: int
     seconds: float
     step: int | None = (
         None  # of the checkpoint evaluated: the result counts while that checkpoint is the run's
     )
     run_id: str | None = None
+    proposal_detail: str | None = None  # what the proposal is, and its settings
+    proposal_id: str | None = None  # proposals.Chosen.identity
     path: str | None = None  # where it was saved
 
 
 def filed(config: EvalConfig, variant: Variant, split_size: int) -> EvalConfig:
     """The options as a result of ``variant`` is filed under: S as drawn (one for the
-    deterministic baseline) and no limit where it covers the split's ``split_size`` images."""
+    deterministic baseline), no limit where it covers the split's ``split_size`` images, and
+    the proposal used (``proposals.filed_kind``)."""
     samples = variant.importance_samples(config.samples)
-    return replace(config, samples=samples, limit=whole_split_limit(config.limit, split_size))
+    limit = whole_split_limit(config.limit, split_size)
+    proposal = filed_kind(variant, config.proposal).value
+    return replace(config, samples=samples, limit=limit, proposal=proposal)
 
 
 def evaluation_inputs(
@@ -162,8 +180,9 @@ def evaluate_run(
     context: Context | None = None,
     **options,
 ) -> Evaluation:
-    """Evaluate a trained run and write its results file (one per split, S, image count and
-    seed). ``options``: fields of ``EvalConfig`` or ``Context`` by name (``samples=10``). A
+    """Evaluate a trained run and write its results file (one per split, S, image count, seed
+    and proposal). ``options``: fields of ``EvalConfig`` or ``Context`` by name (``samples=10``,
+    ``proposal="guide"``; proposal None: the best the run has, ``proposals.filed_kind``). A
     result that cannot be saved is a ``RunError`` whose message holds the NCLL."""
     config, context = with_options(EvalConfig, config, context, options)
     run = Run(run_dir)
@@ -179,15 +198,21 @@ def _evaluate(run: Run, loaded: tuple, config: EvalConfig, context: Context) -> 
     if checkpoint["epoch"] < trained.epochs:
         log(f"note: {run.path} is trained for {checkpoint['epoch']} of {trained.epochs} epochs.")
     images, hidden = evaluation_inputs(config, trained, context)
-    _, proposal = cvae.proposal()
-    if proposal is Proposal.prior:
+    chosen = choose(run, cvae, checkpoint, config.proposal, config.refine, log)
+    if cvae.proposal()[1] is Proposal.prior and chosen.kind.value == "guide":
         log("note: this run has no recognition net: the prior p(z|x) is the importance proposal.")
     pyro.set_rng_seed(config.seed)
     started = time.perf_counter()
     progress = context.progress
     report = None if progress is None else lambda done: progress(done, len(images), run.path.name)
     ncll, ess = _ncll_drawn(
-        cvae, images, hidden, config.samples, config.batch_size, progress=report
+        cvae,
+        images,
+        hidden,
+        config.samples,
+        config.batch_size,
+        progress=report,
+        proposal=chosen.chunks,
     )
     result = Evaluation(
         run_dir=str(run.path),
@@ -201,11 +226,13 @@ def _evaluate(run: Run, loaded: tuple, config: EvalConfig, context: Context) -> 
         ncll=ncll.mean().item(),
         ncll_se=(ncll.std() / math.sqrt(len(ncll))).item() if len(ncll) > 1 else float("nan"),
         ess_mean=ess.mean().item(),
-        proposal=proposal.value,
+        proposal=chosen.kind.value,
         seed=config.seed,
         seconds=round(time.perf_counter() - started, 2),
         step=int(checkpoint["step"]),
         run_id=checkpoint.get("run_id"),
+        proposal_detail=chosen.detail,
+        proposal_id=chosen.identity,
     )
     record = asdict(result)
     del record["path"]
@@ -214,17 +241,18 @@ def _evaluate(run: Run, loaded: tuple, config: EvalConfig, context: Context) -> 
     except OSError as e:
         raise RunError(
             f"NCLL {result.ncll:.3f} ± {result.ncll_se:.3f} ({result.images} {result.split} "
-            f"images, S={result.samples}) could not be saved in {run.path} "
-            f"({type(e).__name__}: {e}); free space or fix its permissions and evaluate again."
+            f"images, S={result.samples}, {result.proposal} proposal) could not be saved in "
+            f"{run.path} ({type(e).__name__}: {e}); free space or fix its permissions and "
+            "evaluate again."
         ) from None
     return result
 
 
 def saved_evaluation(run_dir: str | Path, config: EvalConfig) -> Evaluation | None:
-    """The run's saved evaluation under these options (``filed``), if it is of its present
-    weights."""
+    """The run's saved evaluation under these options as ``filed`` (S as drawn, the proposal
+    named), if it is of its present weights."""
     record = Run(run_dir).current_evaluation(
-        config.split.value, config.samples, config.limit, config.seed
+        config.split.value, config.samples, config.limit, config.seed, config.proposal
     )
     try:
         return Evaluation(**record) if record is not None else None
@@ -240,8 +268,10 @@ def evaluate_runs(
     **options,
 ) -> list[tuple[Evaluation, bool]]:
     """Evaluate every trained run in ``runs_dir`` (``runs.trained_runs``), reusing a saved
-    evaluation that is still current unless ``force``: (evaluation, whether it was reused) per
-    run. ``context.progress`` is told (images done, images in all, run name) over all the runs
+    evaluation that is still current (same weights, same proposal) unless ``force``:
+    (evaluation, whether it was reused) per run. ``config.proposal`` None: each run's best; a
+    run that cannot have the one asked (no tuned proposal, or a void one) is left out, saying
+    why. ``context.progress`` is told (images done, images in all, run name) over all the runs
     to do; ``options`` as for ``evaluate_run``."""
     config, context = with_options(EvalConfig, config, context, options)
     runs = require_trained_runs(runs_dir)
@@ -249,11 +279,22 @@ def evaluate_runs(
     size = len(context.images)
     configs = {d: filed(config, get_variant(trained.variant), size) for d, trained in runs}
     results: dict[Path, tuple[Evaluation, bool]] = {}
-    for run_dir, run_config in configs.items():
+    for run_dir, run_config in list(configs.items()):
+        try:  # the proposal the run would be evaluated with now
+            planned = plan(run_dir, run_config.proposal, run_config.refine)
+        except RunError as e:
+            context.log(f"{run_dir.name} left out: {e}")
+            del configs[run_dir]
+            continue
         saved = None if force else saved_evaluation(run_dir, run_config)
-        if saved is not None:
+        if saved is not None and (saved.proposal_id or "guide") == planned.identity:
             results[run_dir] = (saved, True)
-    to_do = [run_dir for run_dir, _ in runs if run_dir not in results]
+    if not configs:
+        raise RunError(
+            f"no run in {runs_dir} has a {config.proposal} proposal; fit them with pyro-cvae "
+            "tune-proposal --run-dir DIR, or drop --proposal to use each run's best."
+        )
+    to_do = [run_dir for run_dir, _ in runs if run_dir in configs and run_dir not in results]
     count = min(config.limit or size, size)  # images per run
     for k, run_dir in enumerate(to_do):
         report = None
@@ -267,7 +308,7 @@ def evaluate_runs(
         result = _evaluate(run, loaded, configs[run_dir], replace(context, progress=report))
         context.log(
             f"{run_dir.name}: NCLL {result.ncll:.3f} ± {result.ncll_se:.3f} on {result.images} "
-            f"{result.split} images ({result.seconds:.1f} s)"
+            f"{result.split} images with the {result.proposal} proposal ({result.seconds:.1f} s)"
         )
         results[run_dir] = (result, False)
-    return [results[run_dir] for run_dir, _ in runs]
+    return [results[run_dir] for run_dir, _ in runs if run_dir in results]

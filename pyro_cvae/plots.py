@@ -51,51 +51,70 @@ REFERENCE_STYLE = {
 }
 
 
-def _ncll_panel(ax, runs: list[Run], split: str, best: list[dict[str, dict | None]]) -> None:
+# how each proposal's points are drawn (``proposals``): colour and offset within its run's row
+PROPOSAL_STYLE = {
+    "guide": ("tab:blue", -0.3),
+    "tuned": ("tab:cyan", -0.15),
+    "refined": ("tab:olive", 0.0),
+}
+REFERENCE_OFFSET = 0.2
+
+
+def _ncll_panel(ax, runs: list[Run], split: str, best: list[dict[str, dict[str, dict]]]) -> None:
     """Our NCLL on ``split`` as points with standard-error bars, a row per run (``runs``, top to
-    bottom; ``best[i][split]`` its evaluation), each beside the outside figure measured on the same
-    split and masks; the axis spans the data, not from zero, so that differences of a nat show."""
-    evaluations = {i: e for i in range(len(runs)) if (e := best[i][split]) is not None}
+    bottom; ``best[i][split]`` its evaluation per proposal), the proposals side by side, each
+    row beside the outside figure measured on the same split and masks; the axis spans the
+    data, not from zero, so that differences of a nat show."""
+    evaluations = {(i, kind): e for i in range(len(runs)) for kind, e in best[i][split].items()}
     # S of the sampled runs (a deterministic one is exact with S=1) and image counts, in the title when shared
     samples = {e["samples"] for e in evaluations.values() if e["samples"] > 1}
     images = {e.get("images") for e in evaluations.values()}
-    for i, e in evaluations.items():
+    for (i, kind), e in evaluations.items():
+        colour, offset = PROPOSAL_STYLE[kind]
         se = e.get("ncll_se")
         se = se if se is not None and math.isfinite(se) else 0.0
         ax.errorbar(
             e["ncll"],
-            i - 0.15,
+            i + offset,
             xerr=se or None,
             fmt="o",
-            color="tab:blue",
+            color=colour,
             capsize=3,
-            label="this project (± 1 standard error)",
+            label=f"this project, {kind} proposal (± 1 standard error)",
         )
         text = f"{e['ncll']:.2f}" + (f" ± {se:.2f}" if se else "")
         if len(samples) > 1 or len(images) > 1:
             text += f" (S={e['samples']}, {e.get('images', '?')} images)"
         ax.annotate(
             text,
-            (e["ncll"], i - 0.15),
+            (e["ncll"], i + offset),
             xytext=(8, 0),
             textcoords="offset points",
             va="center",
             fontsize="small",
-            color="tab:blue",
+            color=colour,
         )
+    for i in sorted({i for i, _ in evaluations}):  # the outside figure, against our guide's
+        kinds = best[i][split]
+        e = kinds.get("guide") or next(iter(kinds.values()))
         reference = reference_for(e.get("variant", runs[i].path.name), *_masks(runs[i]), split)
         if reference is not None:
             marker, colour, label = REFERENCE_STYLE[reference.source]
             ax.plot(
-                reference.ncll, i + 0.15, marker=marker, color=colour, linestyle="none", label=label
+                reference.ncll,
+                i + REFERENCE_OFFSET,
+                marker=marker,
+                color=colour,
+                linestyle="none",
+                label=label,
             )
             same_protocol = comparable(
-                e.get("variant", ""), e.get("images", 0), e["samples"]
+                e.get("variant", ""), e.get("images", 0), e["samples"], e.get("proposal", "guide")
             )  # else a difference from the reference would mean nothing
             difference = f" ({e['ncll'] - reference.ncll:+.2f})" if same_protocol else ""
             ax.annotate(
                 f"{reference.ncll:.2f}{difference}",
-                (reference.ncll, i + 0.15),
+                (reference.ncll, i + REFERENCE_OFFSET),
                 xytext=(8, 0),
                 textcoords="offset points",
                 va="center",
@@ -115,8 +134,8 @@ def _ncll_panel(ax, runs: list[Run], split: str, best: list[dict[str, dict | Non
 
 def plot_runs(runs_dir: str | Path = "runs", out: str | Path | None = None) -> Path:
     """Training curves (loss, recon, kl per epoch, a line per run) and, for each split with
-    evaluations, NCLL points with standard-error bars beside the outside figures measured on
-    that split (``references``), as one PNG.
+    evaluations, NCLL points with standard-error bars, one per proposal the run was evaluated
+    with, beside the outside figures measured on that split (``references``), as one PNG.
 
     Default output: ``<runs_dir>/plots.png``."""
     runs_dir = Path(runs_dir)
@@ -127,12 +146,16 @@ def plot_runs(runs_dir: str | Path = "runs", out: str | Path | None = None) -> P
             f"pyro-cvae train --runs-dir {runs_dir}, or point --runs-dir at the right folder."
         )
     best_of = {
-        run.path: {split: run.best_evaluation(split) for split in ("test", "train")} for run in runs
+        run.path: {
+            split: {kind: e for kind in PROPOSAL_STYLE if (e := run.best_evaluation(split, kind))}
+            for split in ("test", "train")
+        }
+        for run in runs
     }
     splits = [split for split in ("test", "train") if any(best_of[run.path][split] for run in runs)]
     evaluated = [run for run in runs if any(best_of[run.path][split] for split in splits)]
 
-    ncll_height = 1.5 + 0.45 * len(evaluated)
+    ncll_height = 1.5 + 0.6 * len(evaluated)
     fig = Figure(figsize=(12, 4 + (ncll_height if splits else 0)), dpi=DPI, layout="constrained")
     curves, ncll = fig.subfigures(2, 1, height_ratios=[4, ncll_height]) if splits else (fig, None)
     for ax, name in zip(curves.subplots(1, len(CURVES)), CURVES):

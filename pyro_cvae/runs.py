@@ -5,7 +5,11 @@
                                   the per-epoch metrics: the truth about the run
     metrics.jsonl                 one line per epoch, a readable copy of the checkpoint's
     eval-<split>-S<S>.json        an evaluation on the whole split with seed 0 (plot and tables
-                                  read these); eval-<split>-S<S>-n<N>-seed<K>.json otherwise
+                                  read these); eval-<split>-S<S>-n<N>-seed<K>.json otherwise; with
+                                  the guide as proposal (files of earlier versions are all that),
+                                  else the proposal named last: eval-<split>-S<S>-refined.json
+    proposal-tuned.pt             an evaluation proposal fitted to the checkpoint's model
+                                  (``proposals``), void once the run trains further
     samples-<split>.png           a sample grid
     reproduce.log                 what scripts/reproduce.py did with the run
     train.lock                    the id of the process training the run, while it does (lock.py)
@@ -32,7 +36,7 @@ from typing import Any, Callable, Iterator
 import torch
 
 from .atomic import atomic_write, atomic_write_text, read_regular_text
-from .config import OptionError, TrainConfig
+from .config import PROPOSALS, OptionError, TrainConfig
 from .data import Mask
 from .lock import LOCK, LOCK_MARK, LockError, hold  # noqa: F401 (LOCK_MARK: for callers)
 from .model import CVAE, VARIANTS, get_variant
@@ -41,6 +45,7 @@ CONFIG = "config.json"
 CHECKPOINT = "checkpoint.pt"
 METRICS = "metrics.jsonl"
 SWEEP_LOG = "reproduce.log"
+TUNED = "proposal-tuned.pt"
 # what a checkpoint must hold, and of which type
 _CHECKPOINT_KEYS = {
     "model": dict,
@@ -148,13 +153,25 @@ class Run:
         return self.path / METRICS
 
     def evaluation_path(
-        self, split: str, samples: int, limit: int | None = None, seed: int = 0
+        self,
+        split: str,
+        samples: int,
+        limit: int | None = None,
+        seed: int = 0,
+        proposal: str = "guide",
     ) -> Path:
-        """S as drawn (``Variant.importance_samples``); ``limit`` None: the whole split."""
+        """S as drawn (``Variant.importance_samples``); ``limit`` None: the whole split; the
+        guide's files keep the name they had before proposals were named."""
         name = f"eval-{split}-S{samples}"
         if limit is not None or seed != 0:
             name += f"-n{limit if limit is not None else 'all'}-seed{seed}"
+        if proposal != "guide":
+            name += f"-{proposal}"
         return self.path / f"{name}.json"
+
+    @property
+    def tuned_proposal_path(self) -> Path:
+        return self.path / TUNED
 
     def samples_path(self, split: str) -> Path:
         return self.path / f"samples-{split}.png"
@@ -315,25 +332,34 @@ class Run:
     # ------------------------------------------------------------------ evaluations
 
     def write_evaluation(self, record: dict, limit: int | None) -> Path:
-        path = self.evaluation_path(record["split"], record["samples"], limit, record["seed"])
+        path = self.evaluation_path(
+            record["split"], record["samples"], limit, record["seed"], record["proposal"]
+        )
         atomic_write_text(json.dumps(record, indent=2) + "\n", path)
         return path
 
     def current_evaluation(
-        self, split: str, samples: int, limit: int | None = None, seed: int = 0
+        self,
+        split: str,
+        samples: int,
+        limit: int | None = None,
+        seed: int = 0,
+        proposal: str = "guide",
     ) -> dict | None:
         """The saved evaluation of these options, if it was computed from the checkpoint on disk."""
-        return self._current(self.evaluation_path(split, samples, limit, seed), self._identity())
+        path = self.evaluation_path(split, samples, limit, seed, proposal)
+        return self._current(path, self._identity())
 
-    def best_evaluation(self, split: str) -> dict | None:
-        """The current evaluation on ``split`` most like the protocol the outside figures used
-        (seed 0's masks, the most images, S=100, then the most samples), if any: a plot must not
-        set an S=5,000 figure on 1,000 images beside the reference's S=100 on 10,000."""
+    def best_evaluation(self, split: str, proposal: str = "guide") -> dict | None:
+        """The current evaluation on ``split`` with ``proposal`` most like the protocol the
+        outside figures used (seed 0's masks, the most images, S=100, then the most samples), if
+        any: a plot must not set an S=5,000 figure on 1,000 images beside the reference's S=100
+        on 10,000."""
         identity = self._identity()
         found = [
             r
             for p in self.path.glob(f"eval-{split}-S*.json")
-            if (r := self._current(p, identity)) is not None
+            if (r := self._current(p, identity)) is not None and r["proposal"] == proposal
         ]
         return max(
             found,
@@ -365,6 +391,12 @@ class Run:
             return None
         if identity is None or _evaluation_problem(record) is not None:
             return None
+        if (
+            record.get("proposal") not in PROPOSALS
+        ):  # written before proposals were named: the guide's
+            record["proposal_detail"] = record.get("proposal")
+            record["proposal"] = "guide"
+            return None
         record["run_dir"] = str(
             path.parent
         )  # the run is the folder it is in, wherever it was copied from
@@ -375,6 +407,42 @@ class Run:
         else:  # written before results named their checkpoint
             current = record.get("epochs") == identity["epoch"]
         return record if current else None
+
+    # ------------------------------------------------------------------ the tuned proposal
+
+    def write_tuned_proposal(self, state: dict) -> Path:
+        """Save a tuned proposal (``proposals.tune_proposal``: tensors and plain values, naming the
+        checkpoint's ``run_id`` and ``step``) atomically beside that checkpoint."""
+        atomic_write(self.tuned_proposal_path, lambda tmp: torch.save(state, tmp))
+        return self.tuned_proposal_path
+
+    def read_tuned_proposal(self, checkpoint: dict) -> dict:
+        """The tuned proposal fitted to ``checkpoint``; a ``RunError`` saying what to do when it is
+        missing, unreadable or fitted to other weights (the run trained further, or anew)."""
+        path, again = self.tuned_proposal_path, f"pyro-cvae tune-proposal --run-dir {self.path}"
+        if not path.is_file():
+            raise RunError(
+                f"{self.path} has no tuned proposal; fit one with: {again} "
+                "(or evaluate with --proposal guide or refined)."
+            )
+        try:
+            state = load_checkpoint_file(path)  # weights_only: a file from elsewhere runs no code
+            fitted = (state["run_id"], int(state["step"]))
+        except Exception as e:
+            raise RunError(
+                f"{path} cannot be read ({type(e).__name__}); delete it and tune again: {again}."
+            ) from None
+        if fitted != (checkpoint.get("run_id"), int(checkpoint["step"])):
+            now = (
+                f"now at step {checkpoint['step']}"
+                if fitted[0] == checkpoint.get("run_id")
+                else "trained anew since"
+            )
+            raise RunError(
+                f"{path} is void: it was fitted to step {fitted[1]} of this run, which is {now}; "
+                f"tune it again: {again}."
+            )
+        return state
 
 
 def runs_in(runs_dir: str | Path) -> list[Run]:
@@ -466,6 +534,8 @@ _EVALUATION_FIELDS = {
     "mask": _TEXT,
     "proposal": _TEXT,
     "run_id": _TEXT,
+    "proposal_detail": _TEXT,
+    "proposal_id": _TEXT,
     "epochs": _COUNT,
     "inputs": _COUNT,
     "samples": _COUNT,

@@ -86,6 +86,7 @@ def run_job(
             device=device,
             images=images.get(ev["split"]),
             log=log,
+            proposal="guide",  # the table's protocol, the reference's: the guide as trained
         )
         record = asdict(r)
         if on_evaluation is not None:

@@ -129,7 +129,13 @@ def test_results_file(trained):
     run_dir, _ = trained
     images = fake_images(30, seed=15)
     r = evaluate_run(
-        run_dir, samples=5, split="test", images=images, device="cpu", log=lambda m: None
+        run_dir,
+        samples=5,
+        split="test",
+        images=images,
+        device="cpu",
+        log=lambda m: None,
+        proposal="guide",
     )
     saved = json.loads((run_dir / "eval-test-S5.json").read_text())
     assert (
@@ -143,12 +149,21 @@ def test_results_file(trained):
         and saved["ncll_se"] > 0
         and 1 <= saved["ess_mean"] <= 5
     )
-    assert saved["epochs"] == 3 and saved["proposal"].startswith("recognition")
+    assert saved["epochs"] == 3 and saved["proposal"] == "guide"
+    assert saved["proposal_detail"].startswith("recognition")
     # the same seed gives the same number (fixed masks and draws); limit takes a prefix of the same masks
-    again = evaluate_run(run_dir, samples=5, images=images, device="cpu", log=lambda m: None)
+    again = evaluate_run(
+        run_dir, samples=5, images=images, device="cpu", log=lambda m: None, proposal="guide"
+    )
     assert again.ncll == r.ncll
     prefix = evaluate_run(
-        run_dir, samples=5, images=images, limit=10, device="cpu", log=lambda m: None
+        run_dir,
+        samples=5,
+        images=images,
+        limit=10,
+        device="cpu",
+        log=lambda m: None,
+        proposal="guide",
     )
     assert prefix.images == 10
 
@@ -157,8 +172,16 @@ def test_gsnn_uses_the_prior_as_proposal_and_says_so(tmp_path):
     run_dir = tmp_path / "runs" / "gsnn"
     train_tiny(run_dir, "gsnn")
     messages = []
-    r = evaluate_run(run_dir, samples=4, images=fake_images(8), device="cpu", log=messages.append)
-    assert "prior" in r.proposal and any("no recognition net" in m for m in messages)
+    r = evaluate_run(
+        run_dir,
+        samples=4,
+        images=fake_images(8),
+        device="cpu",
+        log=messages.append,
+        proposal="guide",
+    )
+    assert r.proposal == "guide" and "prior" in r.proposal_detail
+    assert any("no recognition net" in m for m in messages)
     assert math.isfinite(r.ncll)
 
 
@@ -221,24 +244,28 @@ def test_evaluate_without_a_run_evaluates_every_trained_run_and_reuses_current_r
     assert first.exit_code == 0, first.output
     rows = _table_rows(first.output)
     assert "cvae" not in rows, "a run without a trained epoch is not evaluated"
-    # registry order: baseline first; run, epochs, images, S, NCLL ± SE, reference, difference, ...
+    # registry order: baseline first; run, epochs, images, S, proposal, NCLL ± SE, reference, ...
     assert [name for name in rows if name in ("baseline", "no-baseline")] == [
         "baseline",
         "no-baseline",
     ]
     assert rows["baseline"][1:4] == ["1", "8", "1"] and rows["no-baseline"][1:4] == ["1", "8", "3"]
-    assert rows["no-baseline"][7] == "71.36", "on test images: the reference's own test figure"
-    assert rows["baseline"][7] == "-", "the reference measured no baseline on test images"
-    saved = json.loads((two_runs / "no-baseline" / "eval-test-S3-n8-seed0.json").read_text())
+    # each run's best proposal, named in its row: the baseline's NCLL is exact
+    assert rows["baseline"][4] == "exact" and rows["no-baseline"][4] == "refined"
+    assert rows["no-baseline"][8] == "71.36", "on test images: the reference's own test figure"
+    assert rows["baseline"][8] == "-", "the reference measured no baseline on test images"
+    result_file = two_runs / "no-baseline" / "eval-test-S3-n8-seed0-refined.json"
+    saved = json.loads(result_file.read_text())
     assert (
-        saved["ncll"] == pytest.approx(float(rows["no-baseline"][4]), abs=0.01)
+        saved["ncll"] == pytest.approx(float(rows["no-baseline"][5]), abs=0.01)
         and saved["images"] == 8
+        and saved["proposal"] == "refined"
     )
-    stamp = (two_runs / "no-baseline" / "eval-test-S3-n8-seed0.json").stat().st_mtime_ns
+    stamp = result_file.stat().st_mtime_ns
 
     again = runner.invoke(app, args)
     assert again.exit_code == 0 and again.output.count("(saved)") == 2, again.output
-    assert (two_runs / "no-baseline" / "eval-test-S3-n8-seed0.json").stat().st_mtime_ns == stamp
+    assert result_file.stat().st_mtime_ns == stamp
     other = runner.invoke(
         app, [*args[:-4], "--limit", "6", *args[-4:]]
     )  # other options: evaluated again
@@ -275,7 +302,7 @@ def test_evaluate_with_a_named_run_evaluates_that_run_only(two_runs, mnist_dir):
     assert (
         "no-baseline" in rows and "baseline" not in rows and rows["no-baseline"][2:4] == ["4", "2"]
     )
-    assert str(two_runs / "no-baseline" / "eval-test-S2-n4-seed0.json") in result.output
+    assert str(two_runs / "no-baseline" / "eval-test-S2-n4-seed0-refined.json") in result.output
 
 
 @pytest.mark.parametrize("command", ["evaluate", "sample"])

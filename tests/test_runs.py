@@ -51,7 +51,14 @@ def finished(tmp_path):
     """A finished no-baseline run with an evaluation and a sample grid beside it."""
     run_dir = tmp_path / "runs" / "no-baseline"
     train_tiny(run_dir, "no-baseline")
-    evaluate_run(run_dir, samples=2, images=fake_images(8), device="cpu", log=lambda m: None)
+    evaluate_run(
+        run_dir,
+        samples=2,
+        images=fake_images(8),
+        device="cpu",
+        log=lambda m: None,
+        proposal="guide",
+    )
     (run_dir / "samples-test.png").write_bytes(b"png")
     return run_dir
 
@@ -232,6 +239,7 @@ def test_an_evaluation_of_part_of_a_split_or_another_seed_keeps_the_full_one(fin
         images=fake_images(8),
         device="cpu",
         log=lambda m: None,
+        proposal="guide",
     )
     assert json.loads((finished / "eval-test-S2.json").read_text()) == full
     part = json.loads((finished / "eval-test-S2-n4-seed7.json").read_text())
@@ -240,7 +248,13 @@ def test_an_evaluation_of_part_of_a_split_or_another_seed_keeps_the_full_one(fin
     assert run.best_evaluation("test") == full and run.current_evaluation("test", 2, 4, 7) == part
     # more samples on fewer images is a different protocol: the plot keeps the whole split
     evaluate_run(
-        finished, samples=5, limit=4, images=fake_images(8), device="cpu", log=lambda m: None
+        finished,
+        samples=5,
+        limit=4,
+        images=fake_images(8),
+        device="cpu",
+        log=lambda m: None,
+        proposal="guide",
     )
     assert run.best_evaluation("test") == full
 
@@ -499,6 +513,6 @@ def test_evaluate_prints_the_ncll_it_cannot_save(finished, monkeypatch):
     monkeypatch.setattr(Run, "write_evaluation", full)
     with pytest.raises(
         RunError,
-        match=r"NCLL \d+\.\d+ ± \d+\.\d+ \(8 test images, S=2\) could not be saved .*No space",
+        match=r"NCLL \d+\.\d+ ± \d+\.\d+ \(8 test images, S=2, refined proposal\) could not be saved .*No space",
     ):
         evaluate_run(finished, samples=2, images=fake_images(8), device="cpu", log=lambda m: None)

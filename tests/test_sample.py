@@ -300,11 +300,12 @@ def _has_colour(path, rgb, tolerance=8) -> bool:
     return bool((np.abs(pixels - np.array(rgb)).max(-1) <= tolerance).any())
 
 
-TAB_BLUE, TAB_ORANGE, TAB_RED, TAB_PURPLE = (
+TAB_BLUE, TAB_ORANGE, TAB_RED, TAB_PURPLE, TAB_OLIVE = (
     (31, 119, 180),
     (255, 127, 14),
     (214, 39, 40),
     (148, 103, 189),
+    (188, 189, 34),
 )
 
 
@@ -315,23 +316,19 @@ def test_plot_runs_draws_a_curve_per_run_and_points_for_evaluations(runs, tmp_pa
     width, height = _size(curves)
     assert _has_colour(curves, TAB_BLUE) and _has_colour(curves, TAB_ORANGE), "a line per run"
 
-    evaluate_run(
-        runs_dir / "no-baseline", samples=2, images=fake_images(6), device="cpu", log=lambda m: None
-    )
+    quiet = dict(images=fake_images(6), device="cpu", log=lambda m: None)
+    evaluate_run(runs_dir / "no-baseline", samples=2, proposal="guide", **quiet)
     assert (runs_dir / "no-baseline" / "eval-test-S2.json").is_file()
     both = plot_runs(runs_dir)
     assert both == runs_dir / "plots.png"
     assert _size(both)[0] == width and _size(both)[1] > height, "NCLL points below the curves"
     assert _has_colour(both, TAB_RED), "on test images: the reference's own test figure"
     assert not _has_colour(both, TAB_PURPLE), "not its table, which is of training images"
-    evaluate_run(
-        runs_dir / "no-baseline",
-        samples=2,
-        split="train",
-        images=fake_images(6),
-        device="cpu",
-        log=lambda m: None,
-    )
+    assert not _has_colour(both, TAB_OLIVE), "no refined evaluation yet"
+    # a refined evaluation is drawn beside the guide's, in its own colour
+    evaluate_run(runs_dir / "no-baseline", samples=2, proposal="refined", **quiet)
+    assert _has_colour(plot_runs(runs_dir), TAB_OLIVE)
+    evaluate_run(runs_dir / "no-baseline", samples=2, split="train", **quiet)
     assert _has_colour(plot_runs(runs_dir), TAB_PURPLE), "on training images: the reference's table"
     assert not list(runs_dir.glob(".*tmp*"))
 

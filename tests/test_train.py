@@ -293,6 +293,8 @@ def test_fixed_masks_name_their_runs_and_baselines(tmp_path, mnist_dir):
             "2",
             "--limit",
             "10",
+            "--proposal",
+            "guide",
             "--threads",
             "1",
             *common,
