@@ -395,7 +395,14 @@ def _saved_evaluation(run_dir):
 
 @pytest.fixture
 def evaluated(finished):
-    evaluate_run(finished, samples=2, images=fake_images(8), device="cpu", log=lambda m: None)
+    evaluate_run(
+        finished,
+        samples=2,
+        images=fake_images(8),
+        device="cpu",
+        log=lambda m: None,
+        proposal="guide",
+    )
     return finished
 
 
@@ -403,7 +410,12 @@ def test_a_copied_run_is_listed_under_its_own_name(evaluated):
     copy = evaluated.parent / "copy"
     shutil.copytree(evaluated, copy)
     results = evaluate_runs(
-        evaluated.parent, samples=2, images=fake_images(8), device="cpu", log=lambda m: None
+        evaluated.parent,
+        samples=2,
+        images=fake_images(8),
+        device="cpu",
+        log=lambda m: None,
+        proposal="guide",
     )
     assert sorted(Path(r.run_dir).name for r, reused in results) == ["copy", "no-baseline"]
     assert all(reused for _, reused in results)
@@ -428,7 +440,12 @@ def test_a_saved_evaluation_with_wrong_values_is_not_believed(evaluated, field, 
     assert Run(evaluated).best_evaluation("test") is None
     plot_runs(evaluated.parent)  # no traceback
     [(result, reused)] = evaluate_runs(
-        evaluated.parent, samples=2, images=fake_images(8), device="cpu", log=lambda m: None
+        evaluated.parent,
+        samples=2,
+        images=fake_images(8),
+        device="cpu",
+        log=lambda m: None,
+        proposal="guide",
     )
     assert not reused and math.isfinite(result.ncll), "evaluated again, not reused"
 
