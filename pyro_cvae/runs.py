@@ -391,15 +391,10 @@ class Run:
             return None
         if identity is None or _evaluation_problem(record) is not None:
             return None
-        if (
-            record.get("proposal") not in PROPOSALS
-        ):  # written before proposals were named: the guide's
+        if record.get("proposal") not in PROPOSALS:  # written before proposals were named
             record["proposal_detail"] = record.get("proposal")
             record["proposal"] = "guide"
-            return None
-        record["run_dir"] = str(
-            path.parent
-        )  # the run is the folder it is in, wherever it was copied from
+        record["run_dir"] = str(path.parent)  # its folder, wherever it was copied from
         if "step" in record:
             current = (
                 record["step"] == identity["step"] and record.get("run_id") == identity["run_id"]
