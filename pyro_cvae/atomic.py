@@ -44,9 +44,10 @@ def atomic_write_bytes(data: bytes, path: str | Path) -> Path:
     return atomic_write(path, lambda tmp: tmp.write_bytes(data))
 
 
-def read_regular_text(path: Path) -> str | None:
-    """The text of ``path`` if it is a regular file, else None: a FIFO or a device put in a run
-    folder is never opened for reading (that would hang), and a missing file is not an error."""
+def read_regular_bytes(path: Path, size: int = -1) -> bytes | None:
+    """The bytes of ``path`` (the first ``size``) if it is a regular file, else None: a FIFO or
+    a device put in a run folder is never opened for reading (that would hang), and a missing
+    file is not an error."""
     try:
         fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
     except OSError:
@@ -55,6 +56,15 @@ def read_regular_text(path: Path) -> str | None:
         if not stat.S_ISREG(os.fstat(fd).st_mode):
             return None
         try:
-            return f.read().decode()
-        except (OSError, UnicodeDecodeError):
+            return f.read(size)
+        except OSError:
             return None
+
+
+def read_regular_text(path: Path) -> str | None:
+    """The text of ``path`` if it is a regular file (``read_regular_bytes``), else None."""
+    data = read_regular_bytes(path)
+    try:
+        return None if data is None else data.decode()
+    except UnicodeDecodeError:
+        return None

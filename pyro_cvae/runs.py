@@ -26,7 +26,6 @@ import math
 import os
 import pickle
 import re
-import stat
 import uuid
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -35,7 +34,7 @@ from typing import Any, Callable, Iterator
 
 import torch
 
-from .atomic import atomic_write, atomic_write_text, read_regular_text
+from .atomic import atomic_write, atomic_write_text, read_regular_bytes, read_regular_text
 from .config import PROPOSALS, OptionError, TrainConfig
 from .data import Mask
 from .lock import LOCK, LOCK_MARK, LockError, hold  # noqa: F401 (LOCK_MARK: for callers)
@@ -628,14 +627,7 @@ PNG_MARK = b"tEXtSoftware\x00pyro-cvae"  # the text chunk ``plots.save_png`` wri
 
 def is_our_png(path: Path) -> bool:
     """Whether ``path`` is a regular file holding a PNG this program wrote."""
-    try:
-        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
-    except OSError:
-        return False
-    with os.fdopen(fd, "rb") as f:
-        if not stat.S_ISREG(os.fstat(fd).st_mode):
-            return False
-        head = f.read(4096)
+    head = read_regular_bytes(path, 4096) or b""
     return head.startswith(b"\x89PNG\r\n\x1a\n") and PNG_MARK in head
 
 
