@@ -244,6 +244,18 @@ class Run:
             )
         return config
 
+    def valid_config(
+        self, checkpoint: dict, log: Callable[[str], None] | None = None
+    ) -> TrainConfig:
+        """``config``, or a RunError saying the checkpoint's config is not valid and what to do."""
+        try:
+            return self.config(checkpoint, log)
+        except ValueError as e:
+            raise RunError(
+                f"{self.checkpoint_path} holds a config that is not valid ({e}); "
+                "start the run over with --force."
+            ) from None
+
     def _config_copy(self) -> Any:
         try:
             return json.loads(read_regular_text(self.config_path) or "null")
@@ -312,12 +324,7 @@ class Run:
                 f"pyro-cvae train --variant NAME --run-dir {self.path}."
             )
         checkpoint = self.read_checkpoint(device)
-        try:
-            config = self.config(checkpoint, log)
-        except ValueError as e:
-            raise RunError(
-                f"{self.checkpoint_path} holds a config that is not valid ({e}); train again with --force."
-            ) from None
+        config = self.valid_config(checkpoint, log)
         cvae = CVAE(get_variant(config.variant)).to(device)
         try:
             cvae.load_state_dict(checkpoint["model"])

@@ -102,13 +102,7 @@ def train(
         checkpoint = None
         if run.exists() and not force:
             checkpoint = run.read_checkpoint(device)
-            try:
-                saved = run.config(checkpoint, log)
-            except ValueError as e:
-                raise RunError(
-                    f"{run.checkpoint_path} holds a config that is not valid ({e}); "
-                    "pass --force to start the run over."
-                ) from None
+            saved = run.valid_config(checkpoint, log)
             diff = saved.differences(config)
             if diff:
                 raise RunError(
