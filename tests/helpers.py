@@ -27,3 +27,14 @@ def train_tiny(run_dir: Path, variant: str = "joint-scratch", epochs: int = 1, n
         log=lambda m: None,
         device="cpu",
     )
+
+
+def one_line_error(result, code: int, *phrases: str) -> str:
+    """The CLI ended with ``code``, no traceback, and one line naming ``phrases``."""
+    assert result.exit_code == code, result.output
+    assert "Traceback" not in result.output
+    lines = result.output.strip().splitlines()
+    assert len(lines) == 1, result.output
+    for phrase in phrases:
+        assert phrase in lines[0], lines[0]
+    return lines[0]

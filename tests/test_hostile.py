@@ -30,18 +30,7 @@ from pyro_cvae.runs import CHECKPOINT, LOCK, Run, RunError, load_run
 from pyro_cvae.sample import completions
 from pyro_cvae.train import Status
 
-from .helpers import fake_images, train_tiny
-
-
-def _one_line_error(result, code: int, *phrases: str) -> str:
-    """The CLI ended with ``code``, no traceback, and one line naming ``phrases``."""
-    assert result.exit_code == code, result.output
-    assert "Traceback" not in result.output
-    lines = result.output.strip().splitlines()
-    assert len(lines) == 1, result.output
-    for phrase in phrases:
-        assert phrase in lines[0], lines[0]
-    return lines[0]
+from .helpers import fake_images, one_line_error, train_tiny
 
 
 @pytest.fixture
@@ -102,7 +91,7 @@ def test_todays_checkpoints_load_as_weights_only(tmp_path):
 def test_a_checkpoint_that_would_run_code_is_refused_in_one_line(booby_trapped, command):
     run_dir, marker = booby_trapped
     args = [a.format(run=run_dir) for a in command]
-    _one_line_error(CliRunner().invoke(app, args), 1, "could run code", "refused")
+    one_line_error(CliRunner().invoke(app, args), 1, "could run code", "refused")
     assert not marker.exists()
 
 
@@ -232,7 +221,7 @@ def test_a_signal_in_evaluate_sample_or_plot_leaves_nothing_partial(
         else ["--run-dir", str(finished)]
     )
     result = CliRunner().invoke(app, [*command, *where, *extra])
-    line = _one_line_error(result, 128 + signum, "interrupted", "nothing was written")
+    line = one_line_error(result, 128 + signum, "interrupted", "nothing was written")
     assert "checkpoint" not in line, "evaluate, sample and plot save no checkpoint"
     assert sorted(p.name for p in finished.parent.rglob("*")) == before, "no file, no temporary"
 
@@ -255,7 +244,7 @@ def test_out_never_replaces_a_file_of_a_run(finished, command, name):
     )
     for force in ([], ["--force"]):
         result = CliRunner().invoke(app, [command, *where, "--out", str(finished / name), *force])
-        _one_line_error(result, 2, "file of the run", "choose another path")
+        one_line_error(result, 2, "file of the run", "choose another path")
         assert (finished / name).read_bytes() == before
 
 
@@ -263,7 +252,7 @@ def test_out_replaces_a_file_not_ours_only_with_force(finished, tmp_path):
     mine = tmp_path / "notes.png"
     mine.write_text("my notes")
     args = ["plot", "--runs-dir", str(finished.parent), "--out", str(mine)]
-    _one_line_error(CliRunner().invoke(app, args), 2, "not a picture this program wrote", "--force")
+    one_line_error(CliRunner().invoke(app, args), 2, "not a picture this program wrote", "--force")
     assert mine.read_text() == "my notes"
     assert CliRunner().invoke(app, [*args, "--force"]).exit_code == 0
     assert CliRunner().invoke(app, args).exit_code == 0, "our own picture is replaced freely"
@@ -295,7 +284,7 @@ def test_a_run_dir_that_is_a_file_or_a_dangling_link_says_so(tmp_path):
     with pytest.raises(RunError, match=r"runs is a symbolic link to .*gone, which does not exist"):
         train_tiny(link / "no-baseline", "no-baseline")
     for command in ("evaluate", "plot"):
-        _one_line_error(
+        one_line_error(
             CliRunner().invoke(app, [command, "--runs-dir", str(a_file)]),
             1,
             "is a file, not a folder",
@@ -328,7 +317,7 @@ def test_sample_sizes_that_cannot_be_drawn_are_refused_before_work(finished):
     result = CliRunner().invoke(
         app, ["sample", "--run-dir", str(finished), "--num-samples", "10000000"]
     )
-    _one_line_error(result, 2, "--num-samples 10000000 makes a picture", "ask for at most 724")
+    one_line_error(result, 2, "--num-samples 10000000 makes a picture", "ask for at most 724")
 
 
 def test_an_evaluation_chunk_that_cannot_fit_is_refused(tiny_run):
@@ -350,7 +339,7 @@ def test_a_limit_beyond_the_split_is_refused(tmp_path, mnist_dir, finished, comm
     result = CliRunner().invoke(
         app, [*command, *where, "--limit", "100000000", "--data-dir", str(mnist_dir)]
     )
-    _one_line_error(result, 1, "--limit 100000000 asks for 100000000 of", "at most")
+    one_line_error(result, 1, "--limit 100000000 asks for 100000000 of", "at most")
 
 
 # ------------------------------------------------------------------ the API checks its inputs

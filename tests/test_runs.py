@@ -22,18 +22,7 @@ from pyro_cvae.plots import plot_runs
 from pyro_cvae.runs import CHECKPOINT, CONFIG, METRICS, Run, RunError, load_run
 from pyro_cvae.train import Status, train
 
-from .helpers import fake_images, train_tiny
-
-
-def _one_line_error(result, code: int, *phrases: str) -> str:
-    """The CLI ended with ``code``, no traceback, and one line naming ``phrases``."""
-    assert result.exit_code == code, result.output
-    assert "Traceback" not in result.output
-    lines = result.output.strip().splitlines()
-    assert len(lines) == 1, result.output
-    for phrase in phrases:
-        assert phrase in lines[0], lines[0]
-    return lines[0]
+from .helpers import fake_images, one_line_error, train_tiny
 
 
 def _snapshot(run_dir):
@@ -86,7 +75,7 @@ def test_force_or_more_epochs_with_a_wrong_data_dir_keeps_the_run(finished, tmp_
         "--no-progress",
         *options,
     ]
-    _one_line_error(CliRunner().invoke(app, args), 1, "MNIST not found")
+    one_line_error(CliRunner().invoke(app, args), 1, "MNIST not found")
     assert _snapshot(finished) == before, "the trained run is untouched"
 
 
@@ -486,7 +475,7 @@ def test_a_data_dir_that_is_a_file_says_so(tmp_path):
     ],
 )
 def test_train_refuses_options_it_would_ignore_or_could_not_use(args, phrase, tmp_path):
-    _one_line_error(
+    one_line_error(
         CliRunner().invoke(app, ["train", "--runs-dir", str(tmp_path), *args]), 2, phrase
     )
     assert not list(tmp_path.iterdir()), "nothing written for a refused command"
@@ -503,7 +492,7 @@ def test_train_refuses_options_it_would_ignore_or_could_not_use(args, phrase, tm
 @pytest.mark.parametrize("command", ["evaluate", "sample"])
 def test_options_naming_another_run_than_run_dir_are_refused(finished, command, args, phrase):
     result = CliRunner().invoke(app, [command, "--run-dir", str(finished), *args])
-    _one_line_error(result, 2, phrase)
+    one_line_error(result, 2, phrase)
 
 
 def test_evaluate_prints_the_ncll_it_cannot_save(finished, monkeypatch):
