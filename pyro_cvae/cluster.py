@@ -34,7 +34,7 @@ from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 from .console import console
 from .data import images_from_pixels, split_pixels
 from .runs import Run
-from .sweep import Interrupted, Job, run_job
+from .sweep import Interrupted, Job, run_job, saved_evaluation
 
 MAX_RETRIES = 3  # a task whose worker or node dies is run again this often
 CONNECT_SECONDS = 5  # to reach a cluster's address, and the GCS's tries to answer
@@ -355,7 +355,7 @@ def run_on_ray(
             if run.is_finished() and not re_evaluate and _evaluated(run, job, evaluations):
                 results[job.name] = {
                     "run_dir": str(run.path),
-                    "evaluations": [_saved(run, job, ev) for ev in evaluations],
+                    "evaluations": [saved_evaluation(run, job, ev) for ev in evaluations],
                     "ran_on": [],
                 }
                 if job.run_dir in bases:
@@ -396,7 +396,7 @@ def run_on_ray(
                 if "error" not in result:  # the worker's paths were its scratch: the driver's copy
                     run = Run(job.run_dir)
                     result["run_dir"] = str(run.path)
-                    result["evaluations"] = [_saved(run, job, ev) for ev in evaluations]
+                    result["evaluations"] = [saved_evaluation(run, job, ev) for ev in evaluations]
                 results.setdefault(job.name, {}).update(result)
                 ray.get(store.forget.remote(job.name))
                 error = results[job.name].get("error")
@@ -420,14 +420,7 @@ def _result(ref, job: Job) -> dict:
 
 
 def _evaluated(run: Run, job: Job, evaluations: list[dict]) -> bool:
-    return all(_saved(run, job, ev) is not None for ev in evaluations)
-
-
-def _saved(run: Run, job: Job, ev: dict) -> dict | None:
-    from .model import get_variant
-
-    samples = get_variant(job.config.variant).importance_samples(ev["samples"])
-    return run.current_evaluation(ev["split"], samples, ev["limit"])
+    return all(saved_evaluation(run, job, ev) is not None for ev in evaluations)
 
 
 def _place(where: dict) -> str:

@@ -70,10 +70,8 @@ def run_job(
     if result.status is Status.interrupted:
         raise Interrupted("training was interrupted; run the same command to resume")
     out = {"run_dir": str(run.path), "train_status": result.status.value, "evaluations": []}
-    variant = get_variant(job.config.variant)
     for ev in evaluations:
-        samples = variant.importance_samples(ev["samples"])
-        saved = run.current_evaluation(ev["split"], samples, ev["limit"])
+        saved = saved_evaluation(run, job, ev)
         if saved is not None and not re_evaluate:
             out["evaluations"].append(saved)
             continue
@@ -94,6 +92,13 @@ def run_job(
         out["evaluations"].append(record)
         log(f"evaluated {ev['split']}: NCLL {r.ncll:.3f} ± {r.ncll_se:.3f} in {r.seconds:.1f} s")
     return out
+
+
+def saved_evaluation(run: Run, job: Job, ev: dict) -> dict | None:
+    """The run's saved evaluation that ``ev`` (split, samples as asked, limit) asks for, if it
+    is of the present weights: S as drawn (one for the deterministic baseline)."""
+    samples = get_variant(job.config.variant).importance_samples(ev["samples"])
+    return run.current_evaluation(ev["split"], samples, ev["limit"])
 
 
 def run_logged(
