@@ -344,17 +344,10 @@ class Run:
         atomic_write_text(json.dumps(record, indent=2) + "\n", path)
         return path
 
-    def current_evaluation(
-        self,
-        split: str,
-        samples: int,
-        limit: int | None = None,
-        seed: int = 0,
-        proposal: str = "guide",
-    ) -> dict | None:
-        """The saved evaluation of these options, if it was computed from the checkpoint on disk."""
-        path = self.evaluation_path(split, samples, limit, seed, proposal)
-        return self._current(path, self._identity())
+    def current_evaluation(self, *options, **named) -> dict | None:
+        """The saved evaluation of ``evaluation_path``'s options (split, S as drawn, limit, seed,
+        proposal), if it was computed from the checkpoint on disk."""
+        return self._current(self.evaluation_path(*options, **named), self._identity())
 
     def best_evaluation(self, split: str, proposal: str = "guide") -> dict | None:
         """The current evaluation on ``split`` with ``proposal`` most like the protocol the
