@@ -68,3 +68,49 @@ class GenerationNet(nn.Module):
         if self.x_in is not None:
             h = h + self.x_in(x)  # (B, H) broadcasts over leading particle dims of z
         return self.rest(h)
+
+
+class MaskedConv2d(nn.Conv2d):
+    """A convolution that sees only pixels before the centre in raster order (PixelCNN, van den
+    Oord et al. 2016): mask ``"A"`` excludes the centre, ``"B"`` includes it."""
+
+    def __init__(self, n_in: int, n_out: int, kernel: int, mask: str):
+        super().__init__(n_in, n_out, kernel, padding=kernel // 2)
+        causal = torch.zeros(kernel, kernel)
+        causal[: kernel // 2] = 1  # the rows above
+        causal[kernel // 2, : kernel // 2 + (mask == "B")] = 1  # left of (and at) the centre
+        self.register_buffer("causal", causal)
+
+    def forward(self, image: torch.Tensor) -> torch.Tensor:
+        return F.conv2d(image, self.weight * self.causal, self.bias, padding=self.padding)
+
+
+SIDE = 28  # image side in pixels
+
+
+class PixelHead(nn.Module):
+    """The autoregressive part of an autoregressive decoder: for every pixel, a gate ``a`` and a
+    bias ``b`` from the pixels before it in raster order (a causal 5x5 then 3x3 convolution of the
+    whole image, ``channels`` wide) and from the visible pixels around it (a 5x5 convolution of
+    x); the decoder's logits become ``b + 2 sigmoid(a) * decoded(z)``. Both outputs start at zero,
+    so the decoder starts as the plain one. Its cost is per image, not per particle: the only
+    per-particle work is that product."""
+
+    def __init__(self, channels: int = 16):
+        super().__init__()
+        self.past = MaskedConv2d(1, channels, 5, "A")
+        self.visible = nn.Conv2d(1, channels, 5, padding=2, bias=False)
+        self.mix = MaskedConv2d(channels, channels, 3, "B")
+        self.out = nn.Conv2d(channels, 2, 1)
+        nn.init.zeros_(self.out.weight)
+        nn.init.zeros_(self.out.bias)
+
+    def forward(self, image: torch.Tensor, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(gate, bias), each ``(..., 784)``, from the whole image and the input x ``(..., 784)``
+        (hidden pixels -1); pixel i of each depends on ``image`` only through pixels before i."""
+        lead = image.shape[:-1]
+        x = x.expand(lead + x.shape[-1:])
+        h = self.past(image.reshape(-1, 1, SIDE, SIDE)) + self.visible(x.reshape(-1, 1, SIDE, SIDE))
+        h = F.gelu(self.mix(F.gelu(h)))
+        gate, bias = self.out(h).flatten(-2).unbind(-2)
+        return gate.reshape(lead + (PIXELS,)), bias.reshape(lead + (PIXELS,))

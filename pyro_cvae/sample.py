@@ -6,6 +6,8 @@ A column per image; rows, top to bottom:
     truth      the whole image
     baseline   the deterministic prediction, when there is one (see ``baseline_row``)
     sample k   a CVAE completion: z ~ p(z|x), pixel probabilities from the generation net
+               (an autoregressive decoder's rolled out in raster order, each pixel's
+               probability given the probabilities before it)
 
 Every prediction shows Bernoulli means (probabilities, not binary draws) in the hidden pixels
 and the true visible pixels pasted back, so a row differs from the truth only where the model
@@ -237,6 +239,8 @@ def sample_grid(
     name = run.path.name
     name = name if name == trained.variant else f"{name} ({trained.variant})"
     drawn = "pixel probabilities" + ("" if cvae.deterministic else ", z from the prior p(z|x)")
+    if cvae.pixel_head is not None:
+        drawn += ", each pixel given those before it"
     title = (
         f"{name}, epoch {checkpoint['epoch']}/{trained.epochs}\n"
         f"{config.split.value} images 0-{num_images - 1}, {masks}, seed {seed}\n{drawn}"

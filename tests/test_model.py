@@ -64,6 +64,7 @@ def test_registry_is_the_ten_variants_of_the_design_and_the_importance_weighted_
         "gsnn",
         "hybrid",
         "joint-scratch-iwae",
+        "joint-scratch-pixelcnn",
         "cvae-iwae",
     ]
     for name, like in [("joint-scratch-iwae", "joint-scratch"), ("cvae-iwae", "cvae")]:
