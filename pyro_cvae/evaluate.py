@@ -274,7 +274,7 @@ def evaluate_runs(
     why. ``context.progress`` is told (images done, images in all, run name) over all the runs
     to do; ``options`` as for ``evaluate_run``."""
     config, context = with_options(EvalConfig, config, context, options)
-    runs = require_trained_runs(runs_dir)
+    runs = require_trained_runs(runs_dir, context.log)
     context = replace(context, images=context.split_images(config.split))  # read once for all
     size = len(context.images)
     configs = {d: filed(config, get_variant(trained.variant), size) for d, trained in runs}

@@ -449,16 +449,22 @@ def runs_in(runs_dir: str | Path) -> list[Run]:
     return [Run(p) for p in folders if (p / CHECKPOINT).is_file() or (p / CONFIG).is_file()]
 
 
-def trained_runs(runs_dir: str | Path) -> list[tuple[Path, TrainConfig]]:
+def trained_runs(
+    runs_dir: str | Path, log: Callable[[str], None] | None = None
+) -> list[tuple[Path, TrainConfig]]:
     """The runs in ``runs_dir`` with at least one epoch trained, and their configs, in the order
-    of the variant registry (then by name)."""
+    of the variant registry (then by name). A run whose checkpoint or config is refused (corrupt,
+    not ours, or holding code) is left out, and ``log`` is told which and why; a folder with
+    no checkpoint yet is left out silently (a run not trained yet)."""
     found = []
     for run in runs_in(runs_dir):
         try:
             checkpoint = run.read_checkpoint(mmap=True)
             if checkpoint["epoch"] > 0:
                 found.append((run.path, run.config(checkpoint)))
-        except (RunError, ValueError):
+        except (RunError, ValueError) as e:
+            if log is not None and run.checkpoint_path.is_file():
+                log(f"{run.path.name} left out: {e}")
             continue
     order = list(VARIANTS)
     return sorted(
@@ -470,9 +476,11 @@ def trained_runs(runs_dir: str | Path) -> list[tuple[Path, TrainConfig]]:
     )
 
 
-def require_trained_runs(runs_dir: str | Path) -> list[tuple[Path, TrainConfig]]:
+def require_trained_runs(
+    runs_dir: str | Path, log: Callable[[str], None] | None = None
+) -> list[tuple[Path, TrainConfig]]:
     """``trained_runs``, or a RunError that says how to train one."""
-    runs = trained_runs(runs_dir)
+    runs = trained_runs(runs_dir, log)
     if not runs:
         raise RunError(
             f"no trained run in {runs_dir}; train one with: pyro-cvae train --variant joint-scratch "

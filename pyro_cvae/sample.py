@@ -270,7 +270,7 @@ def compare_runs(
     device, seed, num_images = context.device, config.seed, config.num_images
     runs_dir = Path(runs_dir)
     groups: dict[tuple[Mask, int | None], list[Path]] = {}
-    for run_dir, trained in require_trained_runs(runs_dir):
+    for run_dir, trained in require_trained_runs(runs_dir, context.log):
         groups.setdefault((trained.mask, trained.inputs), []).append(run_dir)
     for run_dirs in groups.values():
         _require_picture_fits(num_images, config.num_samples, blocks=len(run_dirs), fixed_rows=2)

@@ -113,6 +113,24 @@ def test_no_command_or_api_runs_the_code_of_a_checkpoint(booby_trapped, tmp_path
     assert not marker.exists()
 
 
+def test_with_no_run_named_a_refused_run_is_left_out_saying_why(booby_trapped, tmp_path):
+    trapped, marker = booby_trapped
+    runs_dir = tmp_path / "mixed"
+    shutil.copytree(trapped, runs_dir / "trapped")
+    train_tiny(runs_dir / "no-baseline", "no-baseline", epochs=1)
+    said = {}
+    for command, args in (
+        ("evaluate", ["--samples", "2", "--limit", "4", "--proposal", "guide"]),
+        ("sample", ["--out", str(tmp_path / "all.png")]),
+    ):
+        result = CliRunner().invoke(app, [command, "--runs-dir", str(runs_dir), *args])
+        assert result.exit_code == 0, result.output
+        said[command] = " ".join(result.output.split())
+        assert "trapped left out:" in said[command] and "could run code" in said[command]
+    assert "no-baseline" in said["evaluate"].split("left out")[-1]  # the good run is evaluated
+    assert (tmp_path / "all.png").is_file() and not marker.exists()
+
+
 # ------------------------------------------------------------------ a scheduler's signals
 
 
