@@ -5,12 +5,13 @@ starts from a pretrained baseline takes the baseline task's final checkpoint as 
 object reference), so Ray runs it after the baseline, which is trained once. MNIST is read and
 verified once, by the driver, and reaches the workers through the object store as uint8
 pixels. Nothing assumes a shared file system: a worker trains in a scratch folder of its own
-(removed when the task ends), and hands every checkpoint, evaluation and log line to
-``RunStore``, an actor on the driver's node. The driver takes them from it and writes them into
+(removed when the task ends), and hands every checkpoint, tuned proposal, evaluation and log
+line to ``RunStore``, an actor on the driver's node. The driver takes them from it and writes them into
 the runs directory through ``runs.Run`` (atomic writes, the runs' locks held by the driver), and
 only then lets the worker go on, so a worker that dies loses nothing the driver has: Ray runs the
 task again and it resumes from the store's last checkpoint, exactly (``train`` restores the
-RNG state and the batch order).
+RNG state and the batch order). A job takes along the run's tuned proposal and is asked only
+for the evaluations the driver does not have yet (a finished run's saved ones are reused there).
 """
 
 from __future__ import annotations
@@ -33,8 +34,8 @@ from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from .console import console
 from .data import images_from_pixels, split_pixels
-from .runs import Run
-from .sweep import Interrupted, Job, run_job, saved_evaluation
+from .runs import Run, RunError, load_checkpoint_file
+from .sweep import Interrupted, Job, run_job, saved_evaluation, wanted
 
 MAX_RETRIES = 3  # a task whose worker or node dies is run again this often
 CONNECT_SECONDS = 5  # to reach a cluster's address, and the GCS's tries to answer
@@ -134,12 +135,15 @@ def check_resources(threads: int, gpu: bool) -> None:
 
 
 class RunStore:
-    """An actor on the driver's node: the workers' checkpoints, evaluations and log lines wait
+    """An actor on the driver's node: the workers' checkpoints, tuned proposals, evaluations and
+    log lines wait
     here until the driver has written them (``take``, then ``written``); the last checkpoint of
-    each run stays, for a task that Ray runs again after its worker died."""
+    each run stays, for a task that Ray runs again after its worker died, and so does its last
+    tuned proposal."""
 
     def __init__(self):
         self._latest: dict[str, dict] = {}
+        self._tuned: dict[str, dict] = {}
         self._outbox: list[tuple] = []
         self._waiting: dict[int, asyncio.Event] = {}
         self._count = 0
@@ -150,12 +154,17 @@ class RunStore:
     async def latest(self, name: str) -> dict | None:
         return self._latest.get(name)
 
+    async def tuned(self, name: str) -> dict | None:
+        return self._tuned.get(name)
+
     async def hand(self, name: str, kind: str, payload, where: dict, wait: bool = True) -> None:
-        """Queue a ``checkpoint``, ``evaluation`` or ``log`` line of run ``name``; with ``wait``,
-        return once the driver has written it."""
+        """Queue a ``checkpoint``, ``tuned`` proposal, ``evaluation`` or ``log`` line of run
+        ``name``; with ``wait``, return once the driver has written it."""
         self._count += 1
         if kind == "checkpoint":
             self._latest[name] = payload
+        elif kind == "tuned":
+            self._tuned[name] = payload
         self._outbox.append((self._count, name, kind, payload, where))
         if wait:
             event = self._waiting[self._count] = asyncio.Event()
@@ -173,6 +182,7 @@ class RunStore:
 
     async def forget(self, name: str) -> None:
         self._latest.pop(name, None)
+        self._tuned.pop(name, None)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -221,9 +231,11 @@ def job_task(
     test_pixels,
     baseline_checkpoint: dict | None,
     gives_baseline: bool,
+    tuned: dict | None = None,
 ) -> tuple[dict, dict | None]:
-    """Run ``job`` on this worker (a Ray task): its result, and its final checkpoint when other
-    jobs start from it (``gives_baseline``)."""
+    """Run ``job`` on this worker (a Ray task), with the driver's copy of its tuned proposal
+    (``tuned``, if any): its result, and its final checkpoint when other jobs start from it
+    (``gives_baseline``)."""
     where = _where()
     if job.baseline is not None and baseline_checkpoint is None:
         return {"error": "its pretrained baseline failed", "evaluations": [], "where": where}, None
@@ -235,6 +247,10 @@ def job_task(
         latest = ray.get(store.latest.remote(job.name))
         if latest is not None:  # resume where the driver's copy of the run is
             run.write_checkpoint(latest)
+        # the one a worker of this job fitted before it died, else the driver's
+        tuned = ray.get(store.tuned.remote(job.name)) or tuned
+        if tuned is not None:  # kept if fitted to that checkpoint, fitted again if void
+            run.write_tuned_proposal(tuned)
         baseline = None
         if job.baseline is not None:
             baseline = runs_dir / job.baseline.name
@@ -261,6 +277,7 @@ def job_task(
                 log=lambda line: hand("log", _as_driver(line, run, job, baseline), wait=False),
                 on_checkpoint=lambda state: hand("checkpoint", state),
                 on_evaluation=lambda record, limit: hand("evaluation", (record, limit)),
+                on_tuned=lambda state: hand("tuned", state),
             )
         except Interrupted as e:
             return {"error": str(e), "interrupted": True, "evaluations": [], "where": where}, None
@@ -336,6 +353,8 @@ def run_on_ray(
                 log(_progress_line(job, payload, where))
                 if on_saved is not None:
                     on_saved(job, payload, where)
+            elif kind == "tuned":
+                run.write_tuned_proposal(payload)
             else:
                 record, limit = payload
                 record = {**record, "run_dir": str(run.path)}
@@ -355,7 +374,9 @@ def run_on_ray(
             if run.is_finished() and not re_evaluate and _evaluated(run, job, evaluations):
                 results[job.name] = {
                     "run_dir": str(run.path),
-                    "evaluations": [saved_evaluation(run, job, ev) for ev in evaluations],
+                    "evaluations": [
+                        saved_evaluation(run, job, ev) for ev in wanted(job, evaluations)
+                    ],
                     "ran_on": [],
                 }
                 if job.run_dir in bases:
@@ -370,7 +391,7 @@ def run_on_ray(
                 baseline = ray.put(None)  # not in this sweep: cannot happen with planned jobs
             result, checkpoint = task.options(name=job.name, **resources).remote(
                 job,
-                evaluations,
+                _to_do(run, job, evaluations, re_evaluate),
                 threads,
                 re_evaluate,
                 device,
@@ -379,6 +400,7 @@ def run_on_ray(
                 test_pixels,
                 baseline,
                 job.run_dir in bases,
+                _tuned_state(run),
             )
             pending[result] = job
             checkpoints[job.run_dir] = checkpoint
@@ -396,7 +418,9 @@ def run_on_ray(
                 if "error" not in result:  # the worker's paths were its scratch: the driver's copy
                     run = Run(job.run_dir)
                     result["run_dir"] = str(run.path)
-                    result["evaluations"] = [saved_evaluation(run, job, ev) for ev in evaluations]
+                    result["evaluations"] = [
+                        saved_evaluation(run, job, ev) for ev in wanted(job, evaluations)
+                    ]
                 results.setdefault(job.name, {}).update(result)
                 ray.get(store.forget.remote(job.name))
                 error = results[job.name].get("error")
@@ -420,7 +444,25 @@ def _result(ref, job: Job) -> dict:
 
 
 def _evaluated(run: Run, job: Job, evaluations: list[dict]) -> bool:
-    return all(saved_evaluation(run, job, ev) is not None for ev in evaluations)
+    return all(saved_evaluation(run, job, ev) is not None for ev in wanted(job, evaluations))
+
+
+def _to_do(run: Run, job: Job, evaluations: list[dict], re_evaluate: bool) -> list[dict]:
+    """The evaluations a worker is asked for: those of a finished run that the driver does not
+    have (the worker's scratch folder holds none), all of them while training will change it."""
+    if re_evaluate or not run.is_finished():
+        return evaluations
+    return [ev for ev in wanted(job, evaluations) if saved_evaluation(run, job, ev) is None]
+
+
+def _tuned_state(run: Run) -> dict | None:
+    """The driver's copy of the run's tuned proposal, for its worker (None: none readable)."""
+    if not run.tuned_proposal_path.is_file():
+        return None
+    try:
+        return load_checkpoint_file(run.tuned_proposal_path)
+    except RunError:  # unreadable: the worker fits another if one is asked for
+        return None
 
 
 def _place(where: dict) -> str:

@@ -336,6 +336,18 @@ def filed_kind(variant: Variant, kind: str | ProposalKind | None) -> ProposalKin
     return ProposalKind.refined if kind is None else ProposalKind(kind)
 
 
+def unavailable(variant: Variant, kind: str | ProposalKind) -> str | None:
+    """Why ``variant`` cannot be evaluated with the proposal ``kind`` (a sweep's table says so in
+    that cell), or None: a model without a latent has nothing to propose (its NCLL is exact,
+    filed under the guide), and a model without a recognition net has nothing to tune."""
+    kind = ProposalKind(kind)
+    if variant.objective is Objective.baseline and kind is not ProposalKind.guide:
+        return f"{variant.name} has no latent: its NCLL is exact, under guide"
+    if kind is ProposalKind.tuned and not variant.has_recognition_net:
+        return f"{variant.name} has no recognition net to tune"
+    return None
+
+
 def choose(
     run: Run,
     cvae: CVAE,

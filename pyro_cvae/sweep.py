@@ -14,7 +14,8 @@ import torch
 
 from .config import TrainConfig
 from .model import get_variant
-from .runs import Run
+from .proposals import filed_kind, unavailable
+from .runs import Run, RunError, load_checkpoint_file
 
 
 @dataclass(frozen=True)
@@ -44,12 +45,18 @@ def run_job(
     log: Callable[[str], None] = print,
     on_checkpoint: Callable[[dict], None] | None = None,
     on_evaluation: Callable[[dict, int | None], None] | None = None,
+    on_tuned: Callable[[dict], None] | None = None,
 ) -> dict:
     """Train ``job`` (unless finished) and evaluate it as ``evaluations`` ask (split, samples,
-    limit), reusing evaluations of its present weights unless ``re_evaluate``. ``images``
-    (split -> ``(N, 784)``) replaces MNIST from ``data_dir``; ``on_checkpoint`` and
-    ``on_evaluation`` hear of every checkpoint and evaluation saved. Returns the run's folder,
-    how training ended and the evaluations; ``Interrupted`` if training was stopped."""
+    limit, proposal: ``guide`` when not named, and ``refine``: ``config.Refine``), in their order,
+    leaving out those its variant cannot have (``proposals.unavailable``) and reusing
+    evaluations of its present weights and proposal unless ``re_evaluate``. When a ``tuned``
+    evaluation is asked, the run's tuned proposal is fitted first (as ``pyro-cvae
+    tune-proposal`` fits it, its default budget) unless it has a current one, before any
+    evaluation that uses it (``refined`` starts from it). ``images`` (split -> ``(N, 784)``)
+    replaces MNIST from ``data_dir``; ``on_checkpoint``, ``on_evaluation`` and ``on_tuned`` hear
+    of every checkpoint, evaluation and tuned proposal saved. Returns the run's folder, how
+    training ended and the evaluations; ``Interrupted`` if training was stopped."""
     from .evaluate import evaluate_run
     from .train import Status, train
 
@@ -70,7 +77,14 @@ def run_job(
     if result.status is Status.interrupted:
         raise Interrupted("training was interrupted; run the same command to resume")
     out = {"run_dir": str(run.path), "train_status": result.status.value, "evaluations": []}
+    evaluations = wanted(job, evaluations)
+    tune = any(proposal_of(ev) == "tuned" for ev in evaluations)
     for ev in evaluations:
+        if tune and proposal_of(ev) != "guide":
+            tuned = ensure_tuned(run, device, data_dir, images.get("train"), log)
+            if tuned is not None and on_tuned is not None:
+                on_tuned(tuned)
+            tune = False
         saved = saved_evaluation(run, job, ev)
         if saved is not None and not re_evaluate:
             out["evaluations"].append(saved)
@@ -84,21 +98,73 @@ def run_job(
             device=device,
             images=images.get(ev["split"]),
             log=log,
-            proposal="guide",  # the table's protocol, the reference's: the guide as trained
+            # guide: the table's protocol, the reference's: the guide as trained
+            proposal=proposal_of(ev),
+            **({"refine": ev["refine"]} if ev.get("refine") is not None else {}),
         )
         record = asdict(r)
         if on_evaluation is not None:
             on_evaluation(record, ev["limit"])
         out["evaluations"].append(record)
-        log(f"evaluated {ev['split']}: NCLL {r.ncll:.3f} ± {r.ncll_se:.3f} in {r.seconds:.1f} s")
+        log(
+            f"evaluated {ev['split']} with the {r.proposal} proposal: NCLL {r.ncll:.3f} ± "
+            f"{r.ncll_se:.3f} in {r.seconds:.1f} s"
+        )
     return out
 
 
+def proposal_of(ev: dict) -> str:
+    """The proposal an evaluation of a sweep asks for (``guide`` in sweeps that named none)."""
+    return ev.get("proposal") or "guide"
+
+
+def wanted(job: Job, evaluations: list[dict]) -> list[dict]:
+    """The evaluations that ``job``'s variant can have (``proposals.unavailable``)."""
+    variant = get_variant(job.config.variant)
+    return [ev for ev in evaluations if unavailable(variant, proposal_of(ev)) is None]
+
+
+def ensure_tuned(
+    run: Run,
+    device: str,
+    data_dir: str | Path | None,
+    images: torch.Tensor | None,
+    log: Callable[[str], None],
+) -> dict | None:
+    """Fit the run's tuned proposal with ``pyro-cvae tune-proposal``'s function and its default
+    budget, unless the run has one fitted to its present checkpoint: the saved state when one
+    was fitted, None when the current one is kept."""
+    from .proposals import tune_proposal
+
+    try:
+        run.read_tuned_proposal(run.read_checkpoint(mmap=True))
+        log("tuned proposal: the run's current one, kept")
+        return None
+    except RunError:  # missing, unreadable or void: fitted (again)
+        log("tuned proposal: none fitted to this checkpoint; fitting one")
+    fitted = tune_proposal(run.path, data_dir=data_dir, device=device, images=images, log=log)
+    log(f"tuned proposal: {fitted.steps} steps in {fitted.seconds:.1f} s, saved {fitted.path}")
+    return load_checkpoint_file(fitted.path)
+
+
 def saved_evaluation(run: Run, job: Job, ev: dict) -> dict | None:
-    """The run's saved evaluation that ``ev`` (split, samples as asked, limit) asks for, if it
-    is of the present weights: S as drawn (one for the deterministic baseline)."""
-    samples = get_variant(job.config.variant).importance_samples(ev["samples"])
-    return run.current_evaluation(ev["split"], samples, ev["limit"])
+    """The run's saved evaluation that ``ev`` (split, samples as asked, limit, proposal) asks
+    for, if it is of the present weights (S as drawn: one for the deterministic baseline) and,
+    for a tuned or refined one, of the proposal the run would use now (the same tuned fit, the
+    same refine options: ``proposals.plan``)."""
+    from .proposals import plan
+
+    variant = get_variant(job.config.variant)
+    samples = variant.importance_samples(ev["samples"])
+    kind = filed_kind(variant, proposal_of(ev)).value
+    record = run.current_evaluation(ev["split"], samples, ev["limit"], proposal=kind)
+    if record is None or kind == "guide":
+        return record
+    try:
+        planned = plan(run.path, kind, ev.get("refine"))
+    except RunError:  # no current tuned proposal: the saved evaluation's is gone or void
+        return None
+    return record if record.get("proposal_id") == planned.identity else None
 
 
 def run_logged(

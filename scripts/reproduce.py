@@ -4,6 +4,8 @@
     python scripts/reproduce.py --mask fixed --inputs 1 2 3 --variants baseline cvae
     python scripts/reproduce.py --epochs 2 --limit 2000 --runs-dir /tmp/quick   # a smoke run
     python scripts/reproduce.py --variants joint-scratch joint-scratch-iwae --seeds 0 1 2   # seed spread
+    python scripts/reproduce.py --variants joint-scratch joint-scratch-iwae --seeds 0 1 2 \
+        --proposals guide tuned refined --train-images 0   # each run under the three proposals
 
 Runs already finished are not trained again, evaluations already on disk are not repeated
 (``--re-evaluate`` repeats them). Each run trains on one thread; ``--jobs`` runs that many at
@@ -14,6 +16,14 @@ on training images). With ``--seeds``, every chosen variant is trained once per 
 seeded 0, so every run is measured on the same inputs), and the table adds each variant's mean
 and standard deviation over its seeds. Writes ``results.md`` and ``results.json`` in the runs
 directory.
+
+``--proposals`` (default ``guide``, the reference's protocol) evaluates each run under each
+importance proposal named, in that order (``pyro_cvae.proposals``), with a block of columns per
+proposal: for ``tuned`` the job first fits the run's tuned proposal as ``pyro-cvae
+tune-proposal`` does (its default budget) unless the run has a current one, and ``refined``
+then starts from it. A run that cannot have a proposal (``baseline``: no latent; ``gsnn``: no
+recognition net to tune) shows ``n/a`` there. The difference from the outside figure is given
+beside the guide alone, and only where it was measured as that figure was (S=100, 10,000 images).
 
 With ``--address`` (``auto``, ``HOST:6379`` or ``ray://HOST:10001``) the jobs run as tasks on a
 Ray cluster instead (``pip install -e '.[cluster]'``; see ``pyro_cvae.cluster``); the runs
@@ -35,11 +45,12 @@ from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from pathlib import Path
 
 from pyro_cvae.atomic import atomic_write_text
-from pyro_cvae.config import Mask, TrainConfig
+from pyro_cvae.config import PROPOSALS, Mask, OptionError, Refine, TrainConfig
 from pyro_cvae.console import Progress, console, errors
 from pyro_cvae.data import split_size, whole_split_limit
 from pyro_cvae.model import VARIANTS, get_variant
-from pyro_cvae.references import reference_for
+from pyro_cvae.proposals import unavailable
+from pyro_cvae.references import comparable, reference_for
 from pyro_cvae.runs import Run, baseline_run_dir, default_run_dir, run_name
 from pyro_cvae.sweep import Job, pool_worker_start, run_logged
 
@@ -71,49 +82,84 @@ def _train_seconds(run_dir: Path) -> tuple[float, int]:
 
 
 def write_results(
-    rows: list[dict], runs_dir: Path, name: str, command: str, wall: float, fixed: bool
+    rows: list[dict],
+    runs_dir: Path,
+    name: str,
+    command: str,
+    wall: float,
+    fixed: bool,
+    proposals: list[str] = ("guide",),
 ) -> Path:
+    """``results.md`` and ``results.json``: a row per run, with a block of columns per proposal
+    (named only when there are several), and the difference from the outside figure beside the
+    guide alone, where it was measured as that figure was (``references.comparable``)."""
     # the reference measured on training images, the Pyro tutorial on test images
     reference, compare = (
         ("Pyro tutorial (test, a bound)", "test") if fixed else ("reference (train)", "train")
     )
+    header = ["run", "epochs"]
+    for proposal in proposals:
+        named = f"{proposal}: " if len(proposals) > 1 else ""
+        header += [f"{named}NCLL test ± SE", f"{named}NCLL train (first 10k) ± SE"]
+        if proposal == "guide":
+            header += [reference, f"{compare} − reference"]
+        header.append(f"{named}ESS test")
+    header += ["train time", "ms/step", "ran on"]
     lines = [
         f"Command: `{command}`  ",
         f"Wall time of this invocation: {wall / 60:.1f} min on {os.cpu_count()} CPU cores.",
         "",
-        f"| run | epochs | NCLL test ± SE | NCLL train (first 10k) ± SE | {reference} | {compare} − reference "
-        "| ESS test | train time | ms/step | ran on |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+        "| " + " | ".join(header) + " |",
+        "|" + " --- |" * len(header),
     ]
     for r in rows:
-        test, tr, ref = r.get("test"), r.get("train"), r.get("reference_ncll")
-        fmt = lambda e: f"{e['ncll']:.2f} ± {e['ncll_se']:.2f}" if e else "-"  # noqa: E731
-        ours = r.get(compare)
-        diff = f"{ours['ncll'] - ref:+.2f}" if (ours and ref is not None) else "-"
-        ess = f"{test['ess_mean']:.1f}" if test else "-"
         error = f" ({r['error']})" if "error" in r else ""
-        lines.append(
-            f"| {r['run']}{error} | {r['epochs']} | {fmt(test)} | {fmt(tr)} | {ref if ref is not None else '-'} | "
-            f"{diff} | {ess} | {r['train_seconds'] / 60:.1f} min | {r['ms_per_step']:.1f} | "
-            f"{', '.join(r.get('ran_on') or []) or 'earlier'} |"
-        )
-    summary = seed_summary(rows)
+        cells = [f"{r['run']}{error}", str(r["epochs"])]
+        for proposal in proposals:
+            cells += _proposal_cells(r, proposal, compare)
+        cells += [
+            f"{r['train_seconds'] / 60:.1f} min",
+            f"{r['ms_per_step']:.1f}",
+            ", ".join(r.get("ran_on") or []) or "earlier",
+        ]
+        lines.append("| " + " | ".join(cells) + " |")
+    reasons: dict[str, list[str]] = {}  # why -> the proposals it rules out, in their order
+    for proposal in proposals:
+        for r in rows:
+            why = r["proposals"][proposal].get("not_applicable")
+            if why and proposal not in reasons.setdefault(why, []):
+                reasons[why].append(proposal)
+    if reasons:
+        told = "; ".join(f"{why} ({', '.join(kinds)})" for why, kinds in reasons.items())
+        lines += ["", f"n/a: the proposal does not apply to the run: {told}."]
+    summary = seed_summary(rows, proposals)
     if summary:
+        spread_header = []
+        for proposal in proposals:
+            named = f"{proposal}: " if len(proposals) > 1 else ""
+            spread_header += [f"{named}NCLL test", f"{named}NCLL train (first 10k)"]
         lines += [
             "",
             "Over training seeds (mean ± standard deviation of the runs' NCLL; n seeds):",
             "",
-            "| variant | seeds | NCLL test | NCLL train (first 10k) |",
-            "| --- | --- | --- | --- |",
+            "| variant | seeds | " + " | ".join(spread_header) + " |",
+            "|" + " --- |" * (2 + len(spread_header)),
         ]
-        spread = lambda s: f"{s['mean']:.2f} ± {s['sd']:.2f}" if s else "-"  # noqa: E731
         for s in summary:
-            lines.append(
-                f"| {s['group']} | {', '.join(map(str, s['seeds']))} | {spread(s['test'])} | {spread(s['train'])} |"
-            )
+            cells = [s["group"], ", ".join(map(str, s["seeds"]))]
+            for proposal in proposals:
+                entry = s["proposals"][proposal]
+                cells += [_spread(entry, "test"), _spread(entry, "train")]
+            lines.append("| " + " | ".join(cells) + " |")
     atomic_write_text(
         json.dumps(
-            {"command": command, "wall_seconds": wall, "runs": rows, "over_seeds": summary},
+            {
+                "command": command,
+                "wall_seconds": wall,
+                "proposals": list(proposals),
+                "runs": rows,
+                "over_seeds": summary,
+            },
             indent=2,
         )
         + "\n",
@@ -124,8 +170,34 @@ def write_results(
     return path
 
 
-def seed_summary(rows: list[dict]) -> list[dict]:
-    """Mean and standard deviation over training seeds of each variant (and mask) run with several."""
+def _proposal_cells(r: dict, proposal: str, compare: str) -> list[str]:
+    """A run's cells under one proposal: NCLL test and train, (with the guide) the outside figure
+    and the difference from it, ESS test; ``n/a`` where the run cannot have the proposal."""
+    entry = r["proposals"][proposal]
+    extra = 2 if proposal == "guide" else 0
+    if "not_applicable" in entry:
+        return ["n/a"] * (3 + extra)
+    test, train = entry.get("test"), entry.get("train")
+    fmt = lambda e: f"{e['ncll']:.2f} ± {e['ncll_se']:.2f}" if e else "-"  # noqa: E731
+    cells = [fmt(test), fmt(train)]
+    if proposal == "guide":
+        ref, ours = r.get("reference_ncll"), entry.get(compare)
+        same = ours and comparable(r["variant"], ours["images"], ours["samples"], ours["proposal"])
+        diff = f"{ours['ncll'] - ref:+.2f}" if (same and ref is not None) else "-"
+        cells += [str(ref) if ref is not None else "-", diff]
+    return cells + [f"{test['ess_mean']:.1f}" if test else "-"]
+
+
+def _spread(entry: dict | None, split: str) -> str:
+    if entry is None:
+        return "n/a"
+    s = entry.get(split)
+    return f"{s['mean']:.2f} ± {s['sd']:.2f}" if s else "-"
+
+
+def seed_summary(rows: list[dict], proposals: list[str] = ("guide",)) -> list[dict]:
+    """Mean and standard deviation over training seeds of each variant (and mask) run with
+    several, under each proposal (``test`` and ``train``: the first proposal's)."""
     groups: dict[str, list[dict]] = {}
     for r in rows:
         key = run_name(r["variant"], r["mask"], r["inputs"])  # the run's name without its seed
@@ -134,21 +206,30 @@ def seed_summary(rows: list[dict]) -> list[dict]:
     for key, members in groups.items():
         if len({r["seed"] for r in members}) < 2:
             continue
-        entry = {"group": key, "seeds": [r["seed"] for r in members]}
-        for split in ("test", "train"):
-            values = [r[split]["ncll"] for r in members if r.get(split)]
-            entry[split] = (
-                {
-                    "mean": statistics.mean(values),
-                    "sd": statistics.stdev(values),
-                    "n": len(values),
-                    "per_seed": values,
-                }
-                if len(values) > 1
-                else None
-            )
+        entry = {"group": key, "seeds": [r["seed"] for r in members], "proposals": {}}
+        for proposal in proposals:
+            evaluated = [r["proposals"][proposal] for r in members]
+            if all("not_applicable" in e for e in evaluated):
+                entry["proposals"][proposal] = None
+                continue
+            entry["proposals"][proposal] = {
+                split: _over_seeds([e[split]["ncll"] for e in evaluated if e.get(split)])
+                for split in ("test", "train")
+            }
+        entry.update(entry["proposals"][proposals[0]] or {"test": None, "train": None})
         summary.append(entry)
     return summary
+
+
+def _over_seeds(values: list[float]) -> dict | None:
+    if len(values) < 2:
+        return None
+    return {
+        "mean": statistics.mean(values),
+        "sd": statistics.stdev(values),
+        "n": len(values),
+        "per_seed": values,
+    }
 
 
 def plan(args: argparse.Namespace) -> list[Job]:
@@ -309,6 +390,20 @@ def main(argv: list[str] | None = None, on_saved=None) -> int:
     )
     p.add_argument("--samples", type=int, default=100)
     p.add_argument(
+        "--proposals",
+        nargs="+",
+        default=["guide"],
+        metavar="NAME",
+        help="importance proposals to evaluate each run with, in this order: guide (the "
+        "reference's protocol), tuned (fitted first, as tune-proposal fits it, unless the run has "
+        "a current one), refined; default: guide",
+    )
+    p.add_argument("--refine-steps", type=int, default=Refine.steps, help="refined: Adam steps")
+    p.add_argument(
+        "--refine-particles", type=int, default=Refine.particles, help="refined: draws K per step"
+    )
+    p.add_argument("--refine-lr", type=float, default=Refine.lr, help="refined: learning rate")
+    p.add_argument(
         "--test-images", type=int, default=None, help="evaluate on the first N test images (all)"
     )
     p.add_argument(
@@ -331,25 +426,8 @@ def main(argv: list[str] | None = None, on_saved=None) -> int:
         return 2
 
     command = "python scripts/reproduce.py " + " ".join(sys.argv[1:] if argv is None else argv)
-    evaluations = (
-        []
-        if args.no_eval
-        else [
-            {
-                "split": "test",
-                "samples": args.samples,
-                "limit": whole_split_limit(args.test_images, split_size("test")),
-            }
-        ]
-    )
-    if args.train_images and not args.no_eval:
-        evaluations.append(
-            {
-                "split": "train",
-                "samples": args.samples,
-                "limit": whole_split_limit(args.train_images, split_size("train")),
-            }
-        )
+    proposals = list(dict.fromkeys(args.proposals))
+    evaluations = [] if args.no_eval else planned_evaluations(args, proposals)
     jobs = plan(args)
 
     started = time.perf_counter()
@@ -374,7 +452,8 @@ def main(argv: list[str] | None = None, on_saved=None) -> int:
     for job in jobs:
         cfg = job.config
         r = results.get(job.name, {})
-        evs = {e["split"]: e for e in r.get("evaluations", []) if e}
+        by_proposal = _by_proposal(cfg.variant, r.get("evaluations", []), proposals)
+        first = by_proposal[proposals[0]]
         seconds, steps = _train_seconds(job.run_dir)
         # the figure the table compares with: Pyro's tutorial on test images, else the reference's table (train)
         outside = reference_for(
@@ -390,8 +469,9 @@ def main(argv: list[str] | None = None, on_saved=None) -> int:
                 "mask": cfg.mask.value,
                 "inputs": cfg.inputs,
                 "reference_ncll": reference,
-                "test": evs.get("test"),
-                "train": evs.get("train"),
+                "test": first.get("test"),  # the first proposal's, as each record says
+                "train": first.get("train"),
+                "proposals": by_proposal,
                 "train_seconds": seconds,
                 "ms_per_step": 1000 * seconds / max(steps, 1),
                 "ran_on": r.get("ran_on", []),
@@ -399,10 +479,46 @@ def main(argv: list[str] | None = None, on_saved=None) -> int:
             }
         )
     out = args.out or ("results" if args.mask == "random" else "results-fixed")
-    path = write_results(rows, args.runs_dir, out, command, wall, fixed=args.mask == "fixed")
+    path = write_results(
+        rows, args.runs_dir, out, command, wall, fixed=args.mask == "fixed", proposals=proposals
+    )
     console.print(path.read_text(), markup=False, highlight=False)
     console.print(f"wrote {path} and {path.with_suffix('.json')} in {wall / 60:.1f} min")
     return 1 if any("error" in r for r in rows) else 0
+
+
+def planned_evaluations(args: argparse.Namespace, proposals: list[str]) -> list[dict]:
+    """What each job evaluates, in order: every proposal asked on the test images, then (unless
+    ``--train-images 0``) on the first training images."""
+    splits = [("test", args.test_images)] + (
+        [("train", args.train_images)] if args.train_images else []
+    )
+    refine = Refine(args.refine_steps, args.refine_particles, args.refine_lr)
+    return [
+        {
+            "split": split,
+            "samples": args.samples,
+            "limit": whole_split_limit(images, split_size(split)),
+            "proposal": proposal,
+            "refine": refine if proposal == "refined" else None,
+        }
+        for proposal in proposals
+        for split, images in splits
+    ]
+
+
+def _by_proposal(variant: str, evaluations: list[dict], proposals: list[str]) -> dict:
+    """A run's evaluations by proposal and split (each record names its proposal), or why the
+    run cannot have a proposal."""
+    out = {}
+    for proposal in proposals:
+        why = unavailable(get_variant(variant), proposal)
+        out[proposal] = (
+            {"not_applicable": why}
+            if why
+            else {e["split"]: e for e in evaluations if e and e["proposal"] == proposal}
+        )
+    return out
 
 
 def _option_problem(args: argparse.Namespace) -> str | None:
@@ -423,6 +539,30 @@ def _option_problem(args: argparse.Namespace) -> str | None:
         )
     if args.train_images < 0:
         return f"--train-images must be 0 (skip) or more, got {args.train_images}."
+    return _proposal_problem(args)
+
+
+def _proposal_problem(args: argparse.Namespace) -> str | None:
+    """An unknown proposal, bad refine options, or a proposal that none of the variants asked for
+    can have (a mix of variants gets n/a in the rows that cannot)."""
+    unknown = [p for p in args.proposals if p not in PROPOSALS]
+    if unknown:
+        return (
+            f"--proposals {' '.join(unknown)}: no such proposal; choose among "
+            f"{', '.join(PROPOSALS)} (e.g. --proposals guide tuned refined)."
+        )
+    try:
+        Refine(args.refine_steps, args.refine_particles, args.refine_lr)
+    except OptionError as e:
+        return str(e)
+    for proposal in dict.fromkeys(args.proposals):
+        reasons = [unavailable(get_variant(v), proposal) for v in dict.fromkeys(args.variants)]
+        if all(reasons):
+            return (
+                f"--proposals {proposal}: none of the variants asked can have it "
+                f"({'; '.join(reasons)}); drop {proposal} or add a variant that has a "
+                + ("recognition net." if proposal == "tuned" else "latent.")
+            )
     return None
 
 

@@ -164,6 +164,40 @@ def test_a_worker_killed_after_its_first_checkpoint_is_retried_and_resumes_exact
         assert torch.equal(ours["model"][key], value), key
 
 
+def _stamps(run: Path) -> dict[str, int]:
+    return {
+        p.name: p.stat().st_mtime_ns
+        for p in run.iterdir()
+        if p.name.startswith("eval-") or p.name == "proposal-tuned.pt"
+    }
+
+
+def test_proposals_travel_with_the_job_and_its_tuned_proposal_lands_on_the_driver(
+    nodes, tmp_path, mnist_dir
+):
+    cluster, _ = nodes
+    runs, run = tmp_path / "runs", tmp_path / "runs" / "no-baseline"
+    argv = _tiny(runs, mnist_dir, "no-baseline", epochs=1) + ["--address", cluster.address]
+    assert reproduce.main(argv + ["--proposals", "guide", "tuned"]) == 0
+    tuned = torch.load(run / "proposal-tuned.pt", weights_only=True)  # fitted by the worker
+    assert tuned["step"] == Run(run).read_checkpoint()["step"]
+    [row] = json.loads((runs / "results.json").read_text())["runs"]
+    assert row["proposals"]["tuned"]["test"]["proposal_id"] == f"tuned {tuned['id']}"
+    assert row["proposals"]["guide"]["test"]["proposal"] == "guide"
+    stamps = _stamps(run)
+    # adding refined: the worker computes it alone, from the driver's tuned proposal
+    more = ["--proposals", "guide", "tuned", "refined", "--refine-steps", "2"]
+    assert reproduce.main(argv + more) == 0
+    after = _stamps(run)
+    assert {name: after[name] for name in stamps} == stamps  # nothing fitted or evaluated again
+    [added] = set(after) - set(stamps)
+    refined = json.loads((run / added).read_text())
+    assert refined["proposal"] == "refined"
+    assert refined["proposal_id"].startswith(f"refined from tuned {tuned['id']}")
+    [row] = json.loads((runs / "results.json").read_text())["runs"]
+    assert row["proposals"]["refined"]["test"]["ncll"] == refined["ncll"]
+
+
 def test_an_unreachable_address_is_one_line_within_seconds(tmp_path, mnist_dir):
     with socket.socket() as s:  # a port nobody listens on
         s.bind(("127.0.0.1", 0))

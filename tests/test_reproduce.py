@@ -7,6 +7,8 @@ import sys
 import time
 from pathlib import Path
 
+import torch
+
 from pyro_cvae.runs import Run
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -186,3 +188,118 @@ def test_bad_counts_are_one_line_naming_the_option(tmp_path):
         assert done.returncode == 2
         lines = done.stderr.strip().splitlines()
         assert len(lines) == 1 and named in lines[0] and "--limit" not in lines[0], done.stderr
+
+
+def _reproduce(runs: Path, mnist_dir: Path, *argv: str) -> subprocess.CompletedProcess:
+    """A tiny sweep: 1 epoch on 64 images, S=2 on the first 10 test images, no train split."""
+    cmd = [sys.executable, str(ROOT / "scripts" / "reproduce.py"), *argv]
+    cmd += ["--epochs", "1", "--limit", "64", "--samples", "2", "--test-images", "10"]
+    cmd += ["--train-images", "0", "--runs-dir", str(runs), "--data-dir", str(mnist_dir)]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=ENV)
+    assert done.returncode == 0, done.stdout + done.stderr
+    return done
+
+
+def _stamps(run: Path) -> dict[str, int]:
+    """The modification time of each evaluation and tuned proposal of a run."""
+    return {
+        p.name: p.stat().st_mtime_ns
+        for p in run.iterdir()
+        if p.name.startswith("eval-") or p.name == "proposal-tuned.pt"
+    }
+
+
+def test_reproduce_evaluates_each_proposal_asked_once_and_reuses_it(tmp_path, mnist_dir):
+    runs, run = tmp_path / "runs", tmp_path / "runs" / "no-baseline"
+    argv = ["--variants", "no-baseline", "--jobs", "1", "--proposals", "guide", "refined"]
+    refine = ["--refine-steps", "2", "--refine-particles", "2"]
+    _reproduce(runs, mnist_dir, *argv, *refine)
+    results = json.loads((runs / "results.json").read_text())
+    assert results["proposals"] == ["guide", "refined"]
+    [row] = results["runs"]
+    guide, refined = row["proposals"]["guide"]["test"], row["proposals"]["refined"]["test"]
+    assert guide["proposal"] == "guide" and refined["proposal"] == "refined"
+    assert refined["proposal_id"] == "refined from guide: Refine(steps=2, particles=2, lr=0.01)"
+    assert row["test"] == guide  # the first proposal asked
+    files = {"eval-test-S2-n10-seed0.json", "eval-test-S2-n10-seed0-refined.json"}
+    assert set(_stamps(run)) == files
+    assert (
+        json.loads((run / "eval-test-S2-n10-seed0-refined.json").read_text())["ncll"]
+        == (refined["ncll"])
+    )
+    table = (runs / "results.md").read_text().splitlines()
+    header = next(line for line in table if line.startswith("| run |"))
+    assert "| guide: NCLL test ± SE |" in header and "| refined: NCLL test ± SE |" in header
+    assert header.index("guide:") < header.index("reference (train)") < header.index("refined:")
+    [line] = [line for line in table if line.startswith("| no-baseline |")]
+    cells = [c.strip() for c in line.strip("|").split("|")]
+    assert len(cells) == header.count("|") - 1
+    assert f"{guide['ncll']:.2f} ± {guide['ncll_se']:.2f}" == cells[2]
+    assert f"{refined['ncll']:.2f} ± {refined['ncll_se']:.2f}" in cells[7:]
+    assert cells[5] == "-"  # S=2 on 10 images: no difference from the reference's S=100 figure
+    # a second invocation computes neither again
+    stamps = _stamps(run)
+    _reproduce(runs, mnist_dir, *argv, *refine)
+    assert _stamps(run) == stamps
+    again = json.loads((runs / "results.json").read_text())["runs"][0]["proposals"]
+    assert again["refined"]["test"]["ncll"] == refined["ncll"]
+    # other refine options are another proposal: refined again, the guide's kept
+    _reproduce(runs, mnist_dir, *argv, "--refine-steps", "3", "--refine-particles", "2")
+    after = _stamps(run)
+    assert after["eval-test-S2-n10-seed0.json"] == stamps["eval-test-S2-n10-seed0.json"]
+    assert (
+        after["eval-test-S2-n10-seed0-refined.json"] > stamps["eval-test-S2-n10-seed0-refined.json"]
+    )
+
+
+def test_reproduce_fits_the_tuned_proposal_once_and_marks_what_a_run_cannot_have(
+    tmp_path, mnist_dir
+):
+    runs, run = tmp_path / "runs", tmp_path / "runs" / "no-baseline"
+    argv = ["--variants", "baseline", "no-baseline", "--jobs", "2"]
+    argv += ["--proposals", "guide", "tuned", "refined", "--refine-steps", "2"]
+    _reproduce(runs, mnist_dir, *argv)
+    tuned = torch.load(run / "proposal-tuned.pt", weights_only=True)
+    assert tuned["step"] == Run(run).read_checkpoint()["step"] and tuned["images"] == 64
+    by_run = {r["run"]: r for r in json.loads((runs / "results.json").read_text())["runs"]}
+    evaluated = by_run["no-baseline"]["proposals"]
+    assert evaluated["tuned"]["test"]["proposal_id"] == f"tuned {tuned['id']}"
+    assert evaluated["refined"]["test"]["proposal_id"].startswith(
+        f"refined from tuned {tuned['id']}"
+    )
+    # the baseline has no latent: its exact NCLL under the guide, n/a under the others
+    assert by_run["baseline"]["proposals"]["guide"]["test"]["samples"] == 1
+    assert "not_applicable" in by_run["baseline"]["proposals"]["tuned"]
+    table = (runs / "results.md").read_text()
+    [line] = [line for line in table.splitlines() if line.startswith("| baseline |")]
+    cells = [c.strip() for c in line.strip("|").split("|")]
+    assert cells[2] != "n/a" and cells.count("n/a") == 6  # two NCLL and an ESS for each of two
+    assert "n/a: the proposal does not apply to the run" in table
+    assert "baseline has no latent: its NCLL is exact, under guide (tuned, refined)" in table
+    assert (
+        "tuned proposal: none fitted to this checkpoint; fitting one"
+        in (run / "reproduce.log").read_text()
+    )
+    # a second invocation fits nothing and evaluates nothing again
+    stamps = _stamps(run)
+    _reproduce(runs, mnist_dir, *argv)
+    assert _stamps(run) == stamps
+    assert torch.load(run / "proposal-tuned.pt", weights_only=True)["id"] == tuned["id"]
+    assert "tuned proposal: the run's current one, kept" in (run / "reproduce.log").read_text()
+
+
+def test_a_bad_proposal_is_one_line_before_anything_trains(tmp_path, mnist_dir):
+    runs = tmp_path / "runs"
+    for argv, named in [
+        (["--proposals", "guide", "tuend"], "--proposals tuend: no such proposal"),
+        (["--variants", "baseline", "--proposals", "refined"], "none of the variants asked"),
+        (["--variants", "gsnn", "--proposals", "tuned"], "gsnn has no recognition net"),
+    ]:
+        cmd = [sys.executable, str(ROOT / "scripts" / "reproduce.py"), *argv]
+        cmd += ["--runs-dir", str(runs), "--data-dir", str(mnist_dir)]
+        done = subprocess.run(cmd, capture_output=True, text=True, timeout=120, env=ENV)
+        assert done.returncode == 2, done.stdout + done.stderr
+        lines = done.stderr.strip().splitlines()
+        assert len(lines) == 1 and named in lines[0], done.stderr
+        assert "drop" in lines[0] or "choose among" in lines[0]  # and the fix
+        assert not runs.exists()  # nothing trained
