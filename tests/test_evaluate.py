@@ -1,3 +1,4 @@
+import inspect
 import json
 import math
 
@@ -90,6 +91,28 @@ def test_one_sample_averages_to_the_negative_elbo_and_more_samples_do_better(tra
     s50, ess50 = ncll_per_image(cvae, images, hidden, samples=50)
     assert s50.mean() <= s10.mean() <= s1.mean()
     assert ((ess50 >= 1) & (ess50 <= 50 + 1e-3)).all()
+
+
+@pytest.mark.parametrize("proposal", ["guide", "refined"])
+def test_the_estimate_keeps_no_graph_whatever_the_proposal(trained, monkeypatch, proposal):
+    """The estimator's draws are made without gradients (a kept graph per chunk once filled 24 GB
+    on the 10,000 test images); a refined proposal's fitting, and only it, has them."""
+    import pyro_cvae.evaluate as evaluate_mod
+
+    run_dir, _ = trained
+    seen = {"estimate": [], "fit": []}
+    real = evaluate_mod.log_weights
+
+    def spy(*args, **kwargs):
+        fitting = any(f.function == "refine" for f in inspect.stack()[1:4])
+        seen["fit" if fitting else "estimate"].append(torch.is_grad_enabled())
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(evaluate_mod, "log_weights", spy)
+    result = evaluate_run(run_dir, samples=4, limit=3, images=fake_images(3), proposal=proposal)
+    assert math.isfinite(result.ncll)
+    assert seen["estimate"] and not any(seen["estimate"])
+    assert all(seen["fit"]) and (len(seen["fit"]) > 0) == (proposal == "refined")
 
 
 def test_chunking_over_particles_and_images_is_exact(trained):
