@@ -136,10 +136,9 @@ def check_resources(threads: int, gpu: bool) -> None:
 
 class RunStore:
     """An actor on the driver's node: the workers' checkpoints, tuned proposals, evaluations and
-    log lines wait
-    here until the driver has written them (``take``, then ``written``); the last checkpoint of
-    each run stays, for a task that Ray runs again after its worker died, and so does its last
-    tuned proposal."""
+    log lines wait here until the driver has written them (``take``, then ``written``); the last
+    checkpoint of each run stays, for a task that Ray runs again after its worker died, and so
+    does its last tuned proposal."""
 
     def __init__(self):
         self._latest: dict[str, dict] = {}

@@ -14,7 +14,7 @@ import torch
 
 from .config import TrainConfig
 from .model import get_variant
-from .proposals import filed_kind, unavailable
+from .proposals import filed_kind, plan, tune_proposal, unavailable
 from .runs import Run, RunError, load_checkpoint_file
 
 
@@ -81,9 +81,9 @@ def run_job(
     tune = any(proposal_of(ev) == "tuned" for ev in evaluations)
     for ev in evaluations:
         if tune and proposal_of(ev) != "guide":
-            tuned = ensure_tuned(run, device, data_dir, images.get("train"), log)
-            if tuned is not None and on_tuned is not None:
-                on_tuned(tuned)
+            fitted = ensure_tuned(run, device, data_dir, images.get("train"), log)
+            if fitted is not None and on_tuned is not None:  # read back only to hand it on
+                on_tuned(load_checkpoint_file(fitted))
             tune = False
         saved = saved_evaluation(run, job, ev)
         if saved is not None and not re_evaluate:
@@ -130,12 +130,10 @@ def ensure_tuned(
     data_dir: str | Path | None,
     images: torch.Tensor | None,
     log: Callable[[str], None],
-) -> dict | None:
+) -> Path | None:
     """Fit the run's tuned proposal with ``pyro-cvae tune-proposal``'s function and its default
-    budget, unless the run has one fitted to its present checkpoint: the saved state when one
+    budget, unless the run has one fitted to its present checkpoint: the saved file when one
     was fitted, None when the current one is kept."""
-    from .proposals import tune_proposal
-
     try:
         run.read_tuned_proposal(run.read_checkpoint(mmap=True))
         log("tuned proposal: the run's current one, kept")
@@ -144,7 +142,7 @@ def ensure_tuned(
         log("tuned proposal: none fitted to this checkpoint; fitting one")
     fitted = tune_proposal(run.path, data_dir=data_dir, device=device, images=images, log=log)
     log(f"tuned proposal: {fitted.steps} steps in {fitted.seconds:.1f} s, saved {fitted.path}")
-    return load_checkpoint_file(fitted.path)
+    return fitted.path
 
 
 def saved_evaluation(run: Run, job: Job, ev: dict) -> dict | None:
@@ -152,8 +150,6 @@ def saved_evaluation(run: Run, job: Job, ev: dict) -> dict | None:
     for, if it is of the present weights (S as drawn: one for the deterministic baseline) and,
     for a tuned or refined one, of the proposal the run would use now (the same tuned fit, the
     same refine options: ``proposals.plan``)."""
-    from .proposals import plan
-
     variant = get_variant(job.config.variant)
     samples = variant.importance_samples(ev["samples"])
     kind = filed_kind(variant, proposal_of(ev)).value

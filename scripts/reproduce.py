@@ -99,7 +99,7 @@ def write_results(
     )
     header = ["run", "epochs"]
     for proposal in proposals:
-        named = f"{proposal}: " if len(proposals) > 1 else ""
+        named = _named(proposal, proposals)
         header += [f"{named}NCLL test ± SE", f"{named}NCLL train (first 10k) ± SE"]
         if proposal == "guide":
             header += [reference, f"{compare} − reference"]
@@ -136,7 +136,7 @@ def write_results(
     if summary:
         spread_header = []
         for proposal in proposals:
-            named = f"{proposal}: " if len(proposals) > 1 else ""
+            named = _named(proposal, proposals)
             spread_header += [f"{named}NCLL test", f"{named}NCLL train (first 10k)"]
         lines += [
             "",
@@ -168,6 +168,11 @@ def write_results(
     path = runs_dir / f"{name}.md"
     atomic_write_text("\n".join(lines) + "\n", path)
     return path
+
+
+def _named(proposal: str, proposals: list[str]) -> str:
+    """A column's prefix naming its proposal, when the table has several."""
+    return f"{proposal}: " if len(proposals) > 1 else ""
 
 
 def _proposal_cells(r: dict, proposal: str, compare: str) -> list[str]:

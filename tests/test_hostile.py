@@ -396,34 +396,26 @@ def test_load_split_limit_is_positive_and_within_the_split(mnist_dir):
 # ------------------------------------------------------------------ files of a run, checked
 
 
+# a quiet S=2 evaluation of the eight generated digits, with the guide
+QUIET_S2 = dict(
+    samples=2, images=fake_images(8), device="cpu", log=lambda m: None, proposal="guide"
+)
+
+
 def _saved_evaluation(run_dir):
     return json.loads((run_dir / "eval-test-S2.json").read_text())
 
 
 @pytest.fixture
 def evaluated(finished):
-    evaluate_run(
-        finished,
-        samples=2,
-        images=fake_images(8),
-        device="cpu",
-        log=lambda m: None,
-        proposal="guide",
-    )
+    evaluate_run(finished, **QUIET_S2)
     return finished
 
 
 def test_a_copied_run_is_listed_under_its_own_name(evaluated):
     copy = evaluated.parent / "copy"
     shutil.copytree(evaluated, copy)
-    results = evaluate_runs(
-        evaluated.parent,
-        samples=2,
-        images=fake_images(8),
-        device="cpu",
-        log=lambda m: None,
-        proposal="guide",
-    )
+    results = evaluate_runs(evaluated.parent, **QUIET_S2)
     assert sorted(Path(r.run_dir).name for r, reused in results) == ["copy", "no-baseline"]
     assert all(reused for _, reused in results)
 
@@ -446,14 +438,7 @@ def test_a_saved_evaluation_with_wrong_values_is_not_believed(evaluated, field, 
     assert Run(evaluated).current_evaluation("test", 2) is None
     assert Run(evaluated).best_evaluation("test") is None
     plot_runs(evaluated.parent)  # no traceback
-    [(result, reused)] = evaluate_runs(
-        evaluated.parent,
-        samples=2,
-        images=fake_images(8),
-        device="cpu",
-        log=lambda m: None,
-        proposal="guide",
-    )
+    [(result, reused)] = evaluate_runs(evaluated.parent, **QUIET_S2)
     assert not reused and math.isfinite(result.ncll), "evaluated again, not reused"
 
 
